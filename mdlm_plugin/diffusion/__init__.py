@@ -1,0 +1,1 @@
+"""The diffusion math in plain torch: no fairseq imports below this package."""
