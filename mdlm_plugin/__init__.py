@@ -1,0 +1,12 @@
+"""mdlm_plugin: masked diffusion language models (MDLM, Sahoo et al. 2024) for fairseq.
+
+Load with ``--user-dir mdlm_plugin``. fairseq auto-imports ``tasks/`` and
+``models/`` of a user dir but not ``criterions/``, so everything is imported here.
+"""
+from .errors import install_excepthook
+
+install_excepthook()
+
+from . import criterions, models, tasks  # noqa: E402,F401  (registers with fairseq)
+
+__version__ = "0.1.0"

@@ -1,0 +1,137 @@
+"""fairseq criterion ``mdlm``: where the loss is.
+
+One Monte-Carlo draw of MDLM's continuous-time (or T-step discrete-time)
+Rao-Blackwellized NELBO per batch, computed by ``diffusion.objective.nelbo``;
+this file only adapts fairseq's sample/model to it and does the bookkeeping.
+
+Units: the logged ``loss`` is in bits per (non-pad) token, so fairseq's ``ppl``
+column, 2^loss, is the perplexity upper bound. In evaluation (model.eval()) the
+criterion draws times and masks from its own generator seeded by
+``--eval-seed`` and the batch's sample ids, and averages ``--eval-passes`` K draws;
+so two runs on the same checkpoint print the same bound, and with K >= 2 the
+split-level standard error across passes is logged as ``bound_se`` (bits) and
+``ppl_se`` (perplexity, delta method).
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from fairseq import metrics
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+
+from ..diffusion.objective import nelbo
+from ..errors import MDLMUserError
+
+MAX_EVAL_PASSES = 64
+
+
+@dataclass
+class MDLMCriterionConfig(FairseqDataclass):
+    discrete_steps: int = field(
+        default=0, metadata={"help": "T > 0: the discrete-time (T-step) bound instead of the "
+                                     "continuous-time one (T = 0); always >= the latter"})
+    time_sampling: ChoiceEnum(["antithetic", "iid"]) = field(
+        default="antithetic",
+        metadata={"help": "antithetic: low-discrepancy t over the batch (lower variance)"})
+    sampling_eps: float = field(
+        default=1e-3, metadata={"help": "continuous t is drawn from [eps, 1]"})
+    eval_passes: int = field(
+        default=1, metadata={"help": f"evaluation: average K Monte-Carlo passes over each "
+                                     f"batch (K >= 2 also reports the standard error; "
+                                     f"at most {MAX_EVAL_PASSES})"})
+    eval_seed: int = field(
+        default=1, metadata={"help": "evaluation: seed of the times and masks, so a "
+                                     "checkpoint's bound is reproducible"})
+
+
+@register_criterion("mdlm", dataclass=MDLMCriterionConfig)
+class MDLMCriterion(FairseqCriterion):
+    def __init__(self, task, discrete_steps=0, time_sampling="antithetic",
+                 sampling_eps=1e-3, eval_passes=1, eval_seed=1):
+        super().__init__(task)
+        if getattr(task, "mask_index", None) is None:
+            raise MDLMUserError("--criterion mdlm needs --task masked_diffusion")
+        if discrete_steps < 0:
+            raise MDLMUserError(f"--discrete-steps must be >= 0 (0 = continuous time), "
+                                f"got {discrete_steps}")
+        if not 1 <= eval_passes <= MAX_EVAL_PASSES:
+            raise MDLMUserError(f"--eval-passes must be in [1, {MAX_EVAL_PASSES}], "
+                                f"got {eval_passes}")
+        if not 0.0 <= sampling_eps < 1.0:
+            raise MDLMUserError(f"--sampling-eps must be in [0, 1), got {sampling_eps}")
+        self.discrete_steps = discrete_steps
+        self.antithetic = str(time_sampling) == "antithetic"
+        self.sampling_eps = sampling_eps
+        self.eval_passes = eval_passes
+        self.eval_seed = eval_seed
+
+    def _eval_generator(self, sample, device):
+        g = torch.Generator(device=device)
+        first_id = int(sample["id"].min()) if "id" in sample else 0
+        g.manual_seed(self.eval_seed * 1_000_003 + first_id)
+        return g
+
+    def forward(self, model, sample, reduce=True):
+        x = sample["target"]
+        pad_mask = x.eq(self.padding_idx)
+        evaluating = not model.training
+        passes = self.eval_passes if evaluating else 1
+        generator = self._eval_generator(sample, x.device) if evaluating else None
+        denoiser = model.denoiser()
+
+        losses, n_masked = [], 0
+        for _ in range(passes):
+            terms = nelbo(denoiser, x, self.task.schedule, self.task.mask_index, pad_mask,
+                          discrete_steps=self.discrete_steps, antithetic=self.antithetic,
+                          eps_t=self.sampling_eps, generator=generator)
+            losses.append(terms.loss)
+            n_masked += terms.n_masked
+        loss = torch.stack(losses).mean()
+        ntokens = terms.n_tokens
+        logging_output = {
+            "loss": loss.detach().item(),
+            "ntokens": ntokens,
+            "nsentences": x.size(0),
+            "sample_size": ntokens,
+            "nmasked": n_masked / passes,
+        }
+        if passes > 1:
+            for k, pass_loss in enumerate(losses):
+                logging_output[f"_pass{k}"] = pass_loss.detach().item()
+        return loss, ntokens, logging_output
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        def total(key):
+            return sum(log.get(key, 0) for log in logging_outputs)
+
+        loss_sum, ntokens = total("loss"), total("ntokens")
+        metrics.log_scalar("loss", loss_sum / max(ntokens, 1) / math.log(2), ntokens, round=3)
+        metrics.log_scalar("mask_frac", total("nmasked") / max(ntokens, 1), ntokens, round=3)
+        metrics.log_derived("ppl", lambda m: 2 ** m["loss"].avg if m["loss"].count else 0.0)
+
+        passes = [k for k in range(MAX_EVAL_PASSES) if f"_pass{k}" in logging_outputs[0]] \
+            if logging_outputs else []
+        if passes:
+            metrics.log_scalar_sum("_ntok", ntokens)
+            for k in passes:
+                metrics.log_scalar_sum(f"_pass{k}", total(f"_pass{k}"))
+            metrics.log_derived("bound_se", lambda m: _pass_stderr(m, passes)[0])
+            metrics.log_derived("ppl_se", lambda m: _pass_stderr(m, passes)[1])
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return False  # the per-pass keys are only present in evaluation
+
+
+def _pass_stderr(meters, passes):
+    """Standard error (bits/token, and perplexity by the delta method) of the mean
+    over K passes of the split-level bound."""
+    n = max(meters["_ntok"].sum, 1)
+    per_pass = [meters[f"_pass{k}"].sum / n / math.log(2) for k in passes]
+    mean = sum(per_pass) / len(per_pass)
+    var = sum((b - mean) ** 2 for b in per_pass) / (len(per_pass) - 1)
+    se_bits = math.sqrt(var / len(per_pass))
+    return round(se_bits, 4), round(se_bits * math.log(2) * 2 ** mean, 3)

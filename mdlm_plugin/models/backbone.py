@@ -1,0 +1,195 @@
+"""The MDLM backbone: a diffusion transformer (DiT) read top to bottom. Pure torch.
+
+Token embedding -> N blocks -> final adaLN layer -> untied, zero-initialised head.
+Each block: weight-only LayerNorm (fp32) -> adaLN-Zero modulation (shift, scale,
+gate from a conditioning vector) -> attention with rotary q/k through
+``scaled_dot_product_attention`` (bidirectional, or causal for the AR twin) ->
+gated residual; then the same around a 4x GELU(tanh) MLP.
+
+The conditioning vector comes from the noise level sigma through a sinusoidal
+embedding and an MLP. Without time conditioning (the paper's default) sigma is
+replaced by 0, so the vector is a learned constant and the output depends on the
+tokens alone.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LayerNorm(nn.Module):
+    """Weight-only LayerNorm computed in fp32 (stable under --fp16/--amp)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.dim = dim
+
+    def forward(self, x):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y = F.layer_norm(x.float(), (self.dim,))
+        return (y * self.weight.float()).type_as(x)
+
+
+def modulate(x, shift, scale):
+    """adaLN affine transform: shift/scale (B, D) broadcast over x's positions."""
+    if x.dim() == 3:
+        shift, scale = shift.unsqueeze(1), scale.unsqueeze(1)
+    return x * (1 + scale) + shift
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (rotate-half form), cos/sin cached per length."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._cache = (0, None, None, None)
+
+    def forward(self, length: int, device, dtype):
+        n, dev, cos, sin = self._cache
+        if n < length or dev != device or cos.dtype != dtype:
+            pos = torch.arange(max(length, n), device=device, dtype=torch.float32)
+            freqs = torch.outer(pos, self.inv_freq.to(device))
+            emb = torch.cat([freqs, freqs], dim=-1)
+            cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+            self._cache = (pos.numel(), device, cos, sin)
+        return cos[:length], sin[:length]
+
+
+def apply_rotary(x, cos, sin):
+    """x: (B, H, L, Dh); rotate pairs (i, i + Dh/2) by position-dependent angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class TimestepEmbedder(nn.Module):
+    """sigma (B,) -> sinusoidal features -> MLP -> conditioning vector (B, C)."""
+
+    def __init__(self, cond_dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(),
+                                 nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, sigma):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=sigma.device,
+                                                              dtype=torch.float32) / half)
+        args = sigma.float().unsqueeze(-1) * freqs
+        feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, cond_dim: int, dropout: float, causal: bool):
+        super().__init__()
+        self.heads, self.causal, self.dropout = heads, causal, dropout
+        self.norm1 = LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.attn_out = nn.Linear(dim, dim, bias=False)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(4 * dim, dim))
+        self.adaLN = nn.Linear(cond_dim, 6 * dim)   # adaLN-Zero: zero-initialised
+        nn.init.zeros_(self.adaLN.weight)
+        nn.init.zeros_(self.adaLN.bias)
+
+    def forward(self, x, c, cos, sin, attn_mask: Optional[torch.Tensor]):
+        B, L, D = x.shape
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)
+
+        h = modulate(self.norm1(x), shift1, scale1)
+        q, k, v = self.qkv(h).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=self.causal and attn_mask is None,
+            dropout_p=0.0)
+        a = self.attn_out(a.transpose(1, 2).reshape(B, L, D))
+        x = x + gate1.unsqueeze(1) * F.dropout(a, self.dropout, self.training)
+
+        h = modulate(self.norm2(x), shift2, scale2)
+        x = x + gate2.unsqueeze(1) * F.dropout(self.mlp(h), self.dropout, self.training)
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, vocab_size: int, cond_dim: int):
+        super().__init__()
+        self.norm = LayerNorm(dim)
+        self.adaLN = nn.Linear(cond_dim, 2 * dim)
+        self.head = nn.Linear(dim, vocab_size)
+        for lin in (self.adaLN, self.head):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x, c, rows=None):
+        """x (B, L, D) with c (B, C); or x (N, D) gathered positions of batch ``rows``."""
+        shift, scale = self.adaLN(c).chunk(2, dim=-1)
+        if rows is not None:
+            shift, scale = shift[rows], scale[rows]
+        return self.head(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Diffusion transformer over token ids.
+
+    forward(tokens, sigma=None, padding_mask=None, positions=None):
+      tokens (B, L) long; sigma (B,) noise level (used only with time conditioning);
+      padding_mask (B, L) bool, True at padding (excluded as attention keys);
+      positions (B, L) bool: if given, logits only for those positions, shape (N, V),
+      row-major; else (B, L, V).
+    """
+
+    def __init__(self, vocab_size: int, dim: int, layers: int, heads: int, cond_dim: int = 128,
+                 dropout: float = 0.1, max_positions: int = 1024, causal: bool = False,
+                 time_conditioning: bool = False):
+        super().__init__()
+        if dim % heads != 0 or (dim // heads) % 2 != 0:
+            raise ValueError(f"embed dim {dim} must be divisible by heads {heads} "
+                             f"into an even head size")
+        self.max_positions, self.causal = max_positions, causal
+        self.time_conditioning = time_conditioning
+        self.embed = nn.Embedding(vocab_size, dim)
+        nn.init.kaiming_uniform_(self.embed.weight, a=math.sqrt(5))
+        self.sigma_map = TimestepEmbedder(cond_dim)
+        self.rotary = Rotary(dim // heads)
+        self.blocks = nn.ModuleList(
+            DiTBlock(dim, heads, cond_dim, dropout, causal) for _ in range(layers))
+        self.final = FinalLayer(dim, vocab_size, cond_dim)
+        self.dropout = dropout
+
+    def hidden(self, tokens, sigma=None, padding_mask=None):
+        """Final hidden states (B, L, D) and the conditioning vector (B, C)."""
+        B, L = tokens.shape
+        if L > self.max_positions:
+            raise ValueError(f"sequence length {L} exceeds the model's max_positions "
+                             f"{self.max_positions}")
+        if sigma is None or not self.time_conditioning:
+            sigma = torch.zeros(B, device=tokens.device)
+        c = F.silu(self.sigma_map(sigma))
+        x = self.embed(tokens)
+        cos, sin = self.rotary(L, x.device, x.dtype)
+        attn_mask = None
+        if padding_mask is not None and bool(padding_mask.any()):
+            keep = ~padding_mask[:, None, None, :]                      # (B,1,1,L)
+            if self.causal:
+                keep = keep & torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+            # a row whose keys are all padding would give NaN: let it see itself
+            keep = keep | torch.eye(L, dtype=torch.bool, device=x.device)
+            attn_mask = keep
+        for block in self.blocks:
+            x = block(x, c, cos, sin, attn_mask)
+        return x, c
+
+    def forward(self, tokens, sigma=None, padding_mask=None, positions=None):
+        x, c = self.hidden(tokens, sigma, padding_mask)
+        if positions is None:
+            return self.final(x, c)
+        rows = torch.arange(x.size(0), device=x.device).unsqueeze(-1).expand_as(positions)
+        return self.final(x[positions], c, rows[positions])

@@ -1,0 +1,124 @@
+"""fairseq model ``mdlm``: the DiT backbone (backbone.py) behind fairseq's model API.
+
+Architectures: ``mdlm_tiny`` (CPU-sized), ``mdlm_small`` (the paper's ~110M class),
+``mdlm_medium``. The model also records a fingerprint of the dictionary it was
+built with (a buffer, so it travels in every checkpoint): loading a checkpoint
+against a different dictionary is one clear error instead of a shape mismatch.
+"""
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+from fairseq.dataclass import FairseqDataclass
+from fairseq.models import BaseFairseqModel, register_model, register_model_architecture
+from fairseq.utils import safe_getattr
+
+from ..errors import MDLMUserError
+from .backbone import DiT
+
+
+def dictionary_fingerprint(dictionary) -> torch.Tensor:
+    """16 bytes of md5 over the symbols, in order (the <mask> symbol included)."""
+    digest = hashlib.md5("\n".join(dictionary.symbols).encode("utf-8")).digest()
+    return torch.tensor(list(digest), dtype=torch.uint8)
+
+
+@dataclass
+class MDLMConfig(FairseqDataclass):
+    embed_dim: int = field(default=512, metadata={"help": "model width"})
+    layers: int = field(default=8, metadata={"help": "number of transformer blocks"})
+    attention_heads: int = field(default=8, metadata={"help": "attention heads"})
+    cond_dim: int = field(default=128, metadata={"help": "adaLN conditioning width"})
+    dropout: float = field(default=0.1, metadata={"help": "residual dropout"})
+    max_positions: int = field(
+        default=1024, metadata={"help": "longest sequence the model accepts"})
+    time_conditioning: bool = field(
+        default=False,
+        metadata={"help": "feed the noise level sigma(t) to the network (off in the paper; "
+                          "without it the cached sampler is exact)"})
+
+
+@register_model("mdlm", dataclass=MDLMConfig)
+class MDLMModel(BaseFairseqModel):
+    """Bidirectional denoiser x_theta(z_t) over the task's dictionary (with <mask>)."""
+
+    def __init__(self, cfg: MDLMConfig, dictionary):
+        super().__init__()
+        self.cfg = cfg
+        self.pad_index = dictionary.pad()
+        self.backbone = DiT(
+            vocab_size=len(dictionary), dim=cfg.embed_dim, layers=cfg.layers,
+            heads=cfg.attention_heads, cond_dim=cfg.cond_dim, dropout=cfg.dropout,
+            max_positions=cfg.max_positions, causal=False,
+            time_conditioning=cfg.time_conditioning)
+        self.register_buffer("dictionary_fingerprint", dictionary_fingerprint(dictionary))
+
+    @classmethod
+    def build_model(cls, cfg, task):
+        if getattr(task, "mask_index", None) is None:
+            raise MDLMUserError("the mdlm model needs --task masked_diffusion "
+                                "(it adds the <mask> symbol)")
+        return cls(cfg, task.source_dictionary)
+
+    @property
+    def time_conditioning(self) -> bool:
+        return bool(self.cfg.time_conditioning)
+
+    def max_positions(self):
+        return self.cfg.max_positions
+
+    def forward(self, src_tokens, sigma=None, positions=None):
+        """Logits (B, L, V), or (N, V) for the ``positions`` selected; padding is
+        read off ``src_tokens`` and never attended to."""
+        padding_mask = src_tokens.eq(self.pad_index)
+        return self.backbone(src_tokens, sigma=sigma, padding_mask=padding_mask,
+                             positions=positions)
+
+    def denoiser(self):
+        """The callable the diffusion core expects: (z_t, sigma, positions) -> logits."""
+        return lambda z_t, sigma, positions: self(z_t, sigma=sigma, positions=positions)
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        theirs = state_dict.get("dictionary_fingerprint")
+        if theirs is not None and not torch.equal(theirs.cpu(), self.dictionary_fingerprint.cpu()):
+            n_theirs = state_dict["backbone.embed.weight"].shape[0]
+            raise MDLMUserError(
+                f"the checkpoint was trained with a different dictionary ({n_theirs} symbols "
+                f"with <mask>) than the data directory's dict.txt gives "
+                f"({self.backbone.embed.num_embeddings} symbols with <mask>): pass the "
+                f"data-bin directory the model was trained on")
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg,
+                                       args=args)
+
+
+def _defaults(args, **values):
+    for name, value in values.items():
+        setattr(args, name, safe_getattr(args, name, value))
+
+
+@register_model_architecture("mdlm", "mdlm_base")
+def mdlm_base(args):
+    _defaults(args, embed_dim=512, layers=8, attention_heads=8, cond_dim=128, dropout=0.1,
+              max_positions=1024, time_conditioning=False)
+
+
+@register_model_architecture("mdlm", "mdlm_tiny")
+def mdlm_tiny(args):
+    """CPU-sized: 4 x 256, 4 heads (~8M parameters with a 10k vocabulary)."""
+    _defaults(args, embed_dim=256, layers=4, attention_heads=4, cond_dim=128, max_positions=512)
+    mdlm_base(args)
+
+
+@register_model_architecture("mdlm", "mdlm_small")
+def mdlm_small(args):
+    """The paper's ~110M class: 12 x 768, 12 heads."""
+    _defaults(args, embed_dim=768, layers=12, attention_heads=12, cond_dim=128)
+    mdlm_base(args)
+
+
+@register_model_architecture("mdlm", "mdlm_medium")
+def mdlm_medium(args):
+    """24 x 1024, 16 heads."""
+    _defaults(args, embed_dim=1024, layers=24, attention_heads=16, cond_dim=128)
+    mdlm_base(args)

@@ -1,0 +1,1 @@
+from . import masked_diffusion  # noqa: F401
