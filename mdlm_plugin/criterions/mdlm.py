@@ -6,7 +6,7 @@ this file only adapts fairseq's sample/model to it and does the bookkeeping.
 
 Units: the logged ``loss`` is in bits per (non-pad) token, so fairseq's ``ppl``
 column, 2^loss, is the perplexity upper bound. In evaluation (model.eval()) the
-criterion draws times and masks from its own generator seeded by
+criterion draws times and masks from its own generator seeded by the task's
 ``--eval-seed`` and the batch's sample ids, and averages ``--eval-passes`` K draws;
 so two runs on the same checkpoint print the same bound, and with K >= 2 the
 split-level standard error across passes is logged as ``bound_se`` (bits) and
@@ -23,8 +23,7 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
 from ..diffusion.objective import nelbo
 from ..errors import MDLMUserError
-
-MAX_EVAL_PASSES = 64
+from ..tasks.masked_diffusion import MAX_EVAL_PASSES
 
 
 @dataclass
@@ -37,35 +36,26 @@ class MDLMCriterionConfig(FairseqDataclass):
         metadata={"help": "antithetic: low-discrepancy t over the batch (lower variance)"})
     sampling_eps: float = field(
         default=1e-3, metadata={"help": "continuous t is drawn from [eps, 1]"})
-    eval_passes: int = field(
-        default=1, metadata={"help": f"evaluation: average K Monte-Carlo passes over each "
-                                     f"batch (K >= 2 also reports the standard error; "
-                                     f"at most {MAX_EVAL_PASSES})"})
-    eval_seed: int = field(
-        default=1, metadata={"help": "evaluation: seed of the times and masks, so a "
-                                     "checkpoint's bound is reproducible"})
 
 
 @register_criterion("mdlm", dataclass=MDLMCriterionConfig)
 class MDLMCriterion(FairseqCriterion):
-    def __init__(self, task, discrete_steps=0, time_sampling="antithetic",
-                 sampling_eps=1e-3, eval_passes=1, eval_seed=1):
+    def __init__(self, task, discrete_steps=0, time_sampling="antithetic", sampling_eps=1e-3):
         super().__init__(task)
         if getattr(task, "mask_index", None) is None:
             raise MDLMUserError("--criterion mdlm needs --task masked_diffusion")
         if discrete_steps < 0:
             raise MDLMUserError(f"--discrete-steps must be >= 0 (0 = continuous time), "
                                 f"got {discrete_steps}")
-        if not 1 <= eval_passes <= MAX_EVAL_PASSES:
-            raise MDLMUserError(f"--eval-passes must be in [1, {MAX_EVAL_PASSES}], "
-                                f"got {eval_passes}")
         if not 0.0 <= sampling_eps < 1.0:
             raise MDLMUserError(f"--sampling-eps must be in [0, 1), got {sampling_eps}")
         self.discrete_steps = discrete_steps
         self.antithetic = str(time_sampling) == "antithetic"
         self.sampling_eps = sampling_eps
-        self.eval_passes = eval_passes
-        self.eval_seed = eval_seed
+        # the evaluation protocol (passes, seed) belongs to the task, so that
+        # fairseq-validate accepts it without --criterion
+        self.eval_passes = task.args.eval_passes
+        self.eval_seed = task.args.eval_seed
 
     def _eval_generator(self, sample, device):
         g = torch.Generator(device=device)

@@ -34,6 +34,7 @@ from ..errors import MDLMUserError
 logger = logging.getLogger(__name__)
 
 MASK_SYMBOL = "<mask>"
+MAX_EVAL_PASSES = 64
 
 
 @dataclass
@@ -45,6 +46,13 @@ class MaskedDiffusionConfig(LanguageModelingConfig):
                                         "(alpha_1 = eps)"})
     sigma_min: float = field(default=1e-3, metadata={"help": "linear/geometric: sigma(0)"})
     sigma_max: float = field(default=7.0, metadata={"help": "linear/geometric: sigma(1)"})
+    eval_passes: int = field(
+        default=1, metadata={"help": f"evaluation: average K Monte-Carlo passes of the bound "
+                                     f"over each batch (K >= 2 also reports its standard "
+                                     f"error; at most {MAX_EVAL_PASSES})"})
+    eval_seed: int = field(
+        default=1, metadata={"help": "evaluation: seed of the times and masks drawn, so a "
+                                     "checkpoint's bound is reproducible"})
 
 
 def add_mask_symbol(dictionary: Dictionary) -> int:
@@ -58,6 +66,9 @@ class MaskedDiffusionTask(LanguageModelingTask):
     def __init__(self, args, dictionary, output_dictionary=None, targets=None):
         super().__init__(args, dictionary, output_dictionary, targets)
         self.mask_index = dictionary.index(MASK_SYMBOL) if dictionary is not None else None
+        if not 1 <= args.eval_passes <= MAX_EVAL_PASSES:
+            raise MDLMUserError(f"--eval-passes must be in [1, {MAX_EVAL_PASSES}], "
+                                f"got {args.eval_passes}")
         self.schedule = build_schedule(str(args.noise_schedule), eps=args.noise_eps,
                                        sigma_min=args.sigma_min, sigma_max=args.sigma_max)
 

@@ -1,0 +1,117 @@
+"""End to end through fairseq's own CLIs on real (tiny) data, and bad input."""
+import json
+import re
+import shutil
+
+import pytest
+
+from conftest import TINY_MODEL, USER_DIR, fairseq_cli, write_ptb_slice
+
+
+def _json_logs(text, tag):
+    out = []
+    for line in text.splitlines():
+        i = line.find("{")
+        if i >= 0 and f"| {tag} |" in line:
+            out.append(json.loads(line[i:]))
+    return out
+
+
+def test_training_lowers_the_loss(trained_tiny):
+    _, log = trained_tiny
+    inner = _json_logs(log, "train_inner")
+    assert len(inner) >= 6
+    first, last = float(inner[0]["loss"]), float(inner[-1]["loss"])
+    assert last < first - 1.0, (first, last)
+    valid = _json_logs(log, "valid")
+    assert valid and "valid_ppl" in valid[-1]
+
+
+def _validate(data, ckpt, *extra):
+    proc = fairseq_cli("validate", data, "--user-dir", USER_DIR, "--task", "masked_diffusion",
+                       "--path", ckpt, "--valid-subset", "test", "--batch-size", "8", "--cpu",
+                       *extra)
+    line = [l for l in (proc.stdout + proc.stderr).splitlines() if "valid on 'test'" in l][-1]
+    return {k: float(v) for k, v in re.findall(r"\| (\w+) ([-\d.]+)", line)}
+
+
+def test_validate_prints_a_reproducible_bound(ptb_tiny, trained_tiny):
+    ckpt = trained_tiny[0] / "checkpoint_best.pt"
+    a = _validate(ptb_tiny, ckpt, "--eval-passes", "3")
+    b = _validate(ptb_tiny, ckpt, "--eval-passes", "3")
+    assert a == b                                     # fixed seed: the same number twice
+    assert a["ppl"] == pytest.approx(2 ** a["loss"], rel=1e-3)
+    assert 1 < a["ppl"] < len(open(ptb_tiny / "dict.txt").readlines()) * 4
+    assert a["bound_se"] > 0 and "ppl_se" in a
+    c = _validate(ptb_tiny, ckpt, "--eval-passes", "3", "--eval-seed", "7")
+    assert c["loss"] != a["loss"]                     # the seed really drives the draws
+    assert abs(c["loss"] - a["loss"]) < 6 * a["bound_se"] + 0.05
+
+
+def test_discrete_time_bound_is_not_below_continuous(ptb_tiny, trained_tiny):
+    ckpt = trained_tiny[0] / "checkpoint_best.pt"
+    cont = _validate(ptb_tiny, ckpt, "--eval-passes", "4")
+    disc = _validate(ptb_tiny, ckpt, "--eval-passes", "4", "--criterion", "mdlm",
+                     "--discrete-steps", "4")
+    assert disc["loss"] > cont["loss"] - 2 * cont["bound_se"]
+
+
+def _error_of(proc):
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-2000:]
+    assert "Traceback" not in text, text[-3000:]
+    return text
+
+
+def _train(data, tmp_path, *extra):
+    return fairseq_cli("train", data, "--user-dir", USER_DIR, "--task", "masked_diffusion",
+                       "--criterion", "mdlm", "--cpu", "--batch-size", "4", "--max-update", "1",
+                       "--save-dir", tmp_path / "ckpt", "--optimizer", "adam", *extra,
+                       check=False)
+
+
+def test_unknown_architecture(ptb_tiny, tmp_path):
+    text = _error_of(_train(ptb_tiny, tmp_path, "--arch", "mdlm_huge"))
+    assert "invalid choice: 'mdlm_huge'" in text and "mdlm_tiny" in text
+
+
+def test_unknown_schedule(ptb_tiny, tmp_path):
+    text = _error_of(_train(ptb_tiny, tmp_path, "--arch", "mdlm_tiny", "--noise-schedule", "cos"))
+    assert "invalid choice: 'cos'" in text and "loglinear" in text
+
+
+def test_data_dir_without_dict(tmp_path):
+    text = _error_of(_train(tmp_path, tmp_path, "--arch", "mdlm_tiny"))
+    assert "mdlm_plugin: error: no dict.txt in" in text and "fairseq-preprocess" in text
+
+
+def test_tokens_per_sample_beyond_positions(ptb_tiny, tmp_path):
+    text = _error_of(_train(ptb_tiny, tmp_path, "--arch", "mdlm_tiny",
+                            "--tokens-per-sample", "1000"))
+    assert "--tokens-per-sample 1000 exceeds the model's 512 positions" in text
+
+
+def test_checkpoint_with_another_dictionary(trained_tiny, tmp_path):
+    other = tmp_path / "other"
+    raw = write_ptb_slice(tmp_path / "raw", lines=(300, 50, 50), offset=5000)
+    fairseq_cli("preprocess", "--only-source", "--trainpref", raw / "train.txt",
+                "--validpref", raw / "valid.txt", "--testpref", raw / "test.txt",
+                "--destdir", other, "--workers", "1")
+    proc = fairseq_cli("validate", other, "--user-dir", USER_DIR, "--task", "masked_diffusion",
+                       "--path", trained_tiny[0] / "checkpoint_best.pt", "--valid-subset",
+                       "test", "--batch-size", "8", "--cpu", check=False)
+    text = _error_of(proc)
+    assert "trained with a different dictionary" in text
+
+
+def test_resume_continues_from_last_checkpoint(ptb_tiny, tmp_path):
+    common = ["--arch", "mdlm_tiny", *TINY_MODEL[2:], "--batch-size", "8", "--lr", "1e-3",
+              "--log-format", "json", "--log-interval", "5", "--seed", "5",
+              "--no-epoch-checkpoints", "--num-workers", "0"]
+    first = _train(ptb_tiny, tmp_path, *common[:], "--max-update", "10")
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = _train(ptb_tiny, tmp_path, *common, "--max-update", "15")
+    assert again.returncode == 0, again.stderr[-2000:]
+    text = again.stdout + again.stderr
+    assert "Loaded checkpoint" in text and "@ 10 updates" in text
+    assert _json_logs(text, "train_inner")[0]["num_updates"] == "15"
