@@ -1,0 +1,265 @@
+"""Samplers for masked diffusion language models (MDLM). Pure torch.
+
+The network is reached only through the denoiser convention of ``objective.py``:
+``denoiser(z_t, sigma, positions) -> logits`` (N, V) for the selected positions,
+row-major. The samplers always ask for exactly the currently masked positions.
+
+A sampler walks a time grid t_0 = 1 > t_1 > ... > t_T = t_min (``steps`` equal
+steps, ``torch.linspace(1, t_min, steps + 1)``). At each step t -> s only masked
+positions can change; a given token (prompt, infill context, or one unmasked at an
+earlier step) is never touched, which is the SUBS carry-over rule. After the last
+step any ``<mask>`` left is replaced by the argmax of x_theta, so the output never
+contains ``mask_index``.
+
+x_theta (the denoiser's clean-token distribution, mask excluded) is reshaped before
+use, in float64:
+  * temperature tau: x_tau[v] proportional to x_theta[v] ** (1 / tau), i.e.
+    softmax(logits / tau) over the non-mask vocabulary;
+  * nucleus top_p (applied after the temperature): sort x_tau descending and keep a
+    token iff the mass of the tokens ranked strictly above it is < top_p (the
+    smallest prefix with mass >= top_p; the top token is always kept), then
+    renormalise. top_p = 1 keeps everything.
+All categorical draws use float64 probabilities and float64 uniforms from the
+``generator`` by exact inverse-CDF (no fp32 Gumbel truncation, Zheng et al. 2024).
+Every step draws the same two (B, L) uniform tensors whatever happens, so samplers
+that agree in distribution share one random stream.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+from .objective import Denoiser
+from .schedules import NoiseSchedule
+
+SAMPLERS = ("ddpm", "ddpm_cache", "analytic")
+
+
+@dataclass
+class SamplerConfig:
+    """How to sample. ``validate()`` (run on construction and by every sampler)
+    raises one clear ValueError per bad field."""
+
+    sampler: str = "ddpm"
+    steps: int = 1000
+    t_min: float = 1e-5
+    temperature: float = 1.0
+    top_p: float = 1.0
+    time_conditioned: bool = False
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}: choose one of "
+                             f"{', '.join(SAMPLERS)}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps <= 0:
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if not 0.0 <= self.t_min < 1.0:
+            raise ValueError(f"t_min must be in [0, 1), got {self.t_min!r}")
+        if not 0.0 < self.temperature < float("inf"):
+            raise ValueError(f"temperature must be > 0 and finite, got {self.temperature!r} "
+                             f"(for greedy decoding use a small value such as 1e-4)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.sampler == "ddpm_cache" and self.time_conditioned:
+            raise ValueError(
+                "sampler 'ddpm_cache' reuses the previous network output when a step "
+                "changed no token, which is exact only if the output depends on z_t "
+                "alone; a time-conditioned model also reads sigma(t), which changes every "
+                "step. Use sampler='ddpm' (or 'analytic') for time-conditioned models.")
+
+
+@dataclass
+class SampleResult:
+    """``tokens`` (B, L') without any mask; ``network_calls`` denoiser calls made;
+    ``steps`` diffusion steps taken; ``history`` (``retain_history=True`` only):
+    z before the first step, then z after each of the ``steps`` steps."""
+
+    tokens: torch.Tensor
+    network_calls: int
+    steps: int
+    history: Optional[List[torch.Tensor]] = None
+
+
+def denoise_probs(logits: torch.Tensor, mask_index: int, temperature: float = 1.0,
+                  top_p: float = 1.0) -> torch.Tensor:
+    """float64 x_theta (N, V) from logits: ``<mask>`` gets probability 0 (SUBS rule 1),
+    then temperature and nucleus top-p as described in the module docstring."""
+    logits = logits.double().index_fill(
+        -1, torch.tensor([mask_index], device=logits.device), float("-inf"))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        probs = probs.masked_fill(~keep, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Categorical draw per row of non-negative ``weights`` (N, V) from uniforms
+    ``u`` (N,) in [0, 1): the token k with cdf[k-1] <= u * total < cdf[k], in float64.
+    A zero-weight token can never be drawn."""
+    w = weights.double()
+    cdf = w.cumsum(-1)
+    target = (u.double() * cdf[:, -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    last_positive = w.size(-1) - 1 - (w.flip(-1) > 0).long().argmax(-1)
+    return torch.minimum(idx, last_positive)   # guards a rounding of u * total up to total
+
+
+def sample_categorical(probs: torch.Tensor, generator: Optional[torch.Generator] = None):
+    """One float64 inverse-CDF draw per row of ``probs`` (N, V)."""
+    u = torch.rand(probs.size(0), dtype=torch.float64, device=probs.device, generator=generator)
+    return inverse_cdf(probs, u)
+
+
+def _transition(sampler: str, schedule: NoiseSchedule, x: torch.Tensor,
+                t: torch.Tensor, s: torch.Tensor):
+    """For masked positions with clean-token distribution ``x`` (N, V), the step t -> s:
+    returns (probability of leaving the mask (N,), unnormalised token weights (N, V)).
+
+    ddpm (the exact posterior, mixed over x_theta):
+        p(z_s = v | z_t = m) = (alpha_s - alpha_t) / (1 - alpha_t) * x[v],
+        p(z_s = m | z_t = m) = (1 - alpha_s) / (1 - alpha_t).
+
+    analytic (SEDD's Tweedie tau-leaping, absorbing graph). The concrete score of a
+    masked position is the ratio r[v] = p_t(z with v in place of m) / p_t(z)
+    = alpha_t / (1 - alpha_t) * x[v] = x[v] / expm1(sigma_t) for v != m, r[m] = 1.
+    Over the interval, d = sigma_t - sigma_s, the forward kernel takes a token v to m
+    w.p. 1 - e^{-d} and keeps m w.p. 1. Tweedie's formula
+        p(z_s = y | z_t = m) = stag[y] * q_{s->t}(m | y),
+    with SEDD's staggered score for the absorbing graph stag[v] = e^d r[v] (v != m),
+    stag[m] = 1 + (1 - e^d) sum_{v != m} r[v], gives
+        p(z_s = v | z_t = m) = e^d r[v] (1 - e^{-d}) = expm1(d) r[v],
+        p(z_s = m | z_t = m) = 1 - expm1(d) / expm1(sigma_t).
+    The latter equals e^d (e^{sigma_s} - 1) / (e^{sigma_t} - 1)
+    = (1 - alpha_s) / (1 - alpha_t): for the absorbing process under SUBS the
+    analytic sampler is exactly the ddpm kernel, computed through the score. (The
+    stay probability is not exp(-d): that is the forward probability that a clean
+    token at s is still clean at t.)
+    """
+    if sampler == "analytic":
+        sigma_t, sigma_s = schedule.sigma(t), schedule.sigma(s)
+        jump = torch.expm1(sigma_t - sigma_s) * (x / torch.expm1(sigma_t))
+        return jump.sum(-1), jump
+    stay = schedule.mask_prob(s) / schedule.mask_prob(t)
+    return (1.0 - stay).expand(x.size(0)), x
+
+
+@torch.no_grad()
+def sample(denoiser: Denoiser, z: torch.Tensor, config: SamplerConfig,
+           schedule: NoiseSchedule, mask_index: int,
+           generator: Optional[torch.Generator] = None,
+           retain_history: bool = False) -> SampleResult:
+    """Fill every ``mask_index`` position of ``z`` (B, L); other tokens are kept.
+
+    ``generator`` (on z's device) makes the result reproducible: the same seed gives
+    the same samples, and ddpm, ddpm_cache and analytic consume the same stream.
+    """
+    config.validate()
+    if z.dim() != 2:
+        raise ValueError(f"z must be a (batch, length) tensor, got shape {tuple(z.shape)}")
+    z = z.clone()
+    B, L = z.shape
+    device = z.device
+    ts = torch.linspace(1.0, config.t_min, config.steps + 1, dtype=torch.float64)
+    calls = 0
+    cache = None  # x_theta at the masked positions; kept only while z is unchanged
+    history = [z.clone()] if retain_history else None
+
+    def x_theta(t):
+        nonlocal calls
+        calls += 1
+        sigma = schedule.sigma(t).float().to(device).expand(B)
+        logits = denoiser(z, sigma, z == mask_index)
+        return denoise_probs(logits, mask_index, config.temperature, config.top_p)
+
+    for k in range(config.steps):
+        t, s = ts[k], ts[k + 1]
+        u_move = torch.rand(B, L, dtype=torch.float64, device=device, generator=generator)
+        u_token = torch.rand(B, L, dtype=torch.float64, device=device, generator=generator)
+        masked = z == mask_index
+        if bool(masked.any()):
+            x = cache if cache is not None else x_theta(t)
+            move, weights = _transition(config.sampler, schedule, x, t.to(device), s.to(device))
+            leave = u_move[masked] < move
+            new = inverse_cdf(weights, u_token[masked])
+            z[masked] = torch.where(leave, new, torch.full_like(new, mask_index))
+            unchanged = not bool(leave.any())
+            cache = x if (config.sampler == "ddpm_cache" and unchanged) else None
+        if retain_history:
+            history.append(z.clone())
+
+    masked = z == mask_index
+    if bool(masked.any()):
+        x = cache if cache is not None else x_theta(ts[-1])
+        z[masked] = x.argmax(-1)
+    return SampleResult(tokens=z, network_calls=calls, steps=config.steps, history=history)
+
+
+@torch.no_grad()
+def sample_semi_ar(denoiser: Denoiser, prefix_tokens: Optional[torch.Tensor],
+                   total_length: int, window: int, stride: int, config: SamplerConfig,
+                   schedule: NoiseSchedule, mask_index: int,
+                   generator: Optional[torch.Generator] = None, *,
+                   batch_size: int = 1, device=None) -> SampleResult:
+    """Semi-autoregressive generation of exactly ``total_length`` tokens per row.
+
+    The first window holds the prompt (``prefix_tokens`` (B, P), or nothing: then
+    ``batch_size`` rows on ``device``) followed by masks up to ``window`` tokens and is
+    sampled with ``sample``. Each later window is the last ``window - stride`` tokens
+    generated so far (fixed, SUBS copies them) plus ``stride`` masks; its new tokens
+    are appended. A prompt of ``window`` tokens or more skips the first window. The
+    prompt is returned unchanged; ``network_calls`` and ``steps`` add up all windows.
+    """
+    if window < 1:
+        raise ValueError(f"window (the model length) must be >= 1, got {window}")
+    if not 1 <= stride <= window:
+        raise ValueError(f"stride must be in [1, window={window}], got {stride}")
+    if total_length < 1:
+        raise ValueError(f"total_length must be >= 1, got {total_length}")
+    if prefix_tokens is None:
+        prefix_tokens = torch.empty(batch_size, 0, dtype=torch.long, device=device)
+    if prefix_tokens.dim() != 2:
+        raise ValueError(f"prefix_tokens must be (batch, length), got {tuple(prefix_tokens.shape)}")
+    if prefix_tokens.size(1) > total_length:
+        raise ValueError(f"the prompt has {prefix_tokens.size(1)} tokens, more than "
+                         f"total_length={total_length}")
+    if bool((prefix_tokens == mask_index).any()):
+        raise ValueError("prefix_tokens contains mask_index; for infilling call sample() "
+                         "with a partly masked z")
+
+    def fill(ctx: torch.Tensor) -> torch.Tensor:
+        nonlocal calls, steps
+        z = torch.cat([ctx, ctx.new_full((ctx.size(0), window - ctx.size(1)), mask_index)], 1)
+        out = sample(denoiser, z, config, schedule, mask_index, generator)
+        calls, steps = calls + out.network_calls, steps + out.steps
+        return out.tokens[:, ctx.size(1):]
+
+    calls = steps = 0
+    tokens = prefix_tokens.long()
+    if tokens.size(1) < window:
+        tokens = torch.cat([tokens, fill(tokens)], 1)
+    keep = window - stride
+    while tokens.size(1) < total_length:
+        tokens = torch.cat([tokens, fill(tokens[:, tokens.size(1) - keep:])], 1)
+    return SampleResult(tokens=tokens[:, :total_length], network_calls=calls, steps=steps)
+
+
+def unigram_entropy(tokens: torch.Tensor, ignore: Sequence[int] = ()) -> float:
+    """Mean over rows of the entropy (nats) of each row's empirical token distribution,
+    tokens in ``ignore`` (e.g. pad, eos) left out; rows with no token left are skipped."""
+    entropies = []
+    for row in tokens.reshape(-1, tokens.size(-1)):
+        for i in ignore:
+            row = row[row != i]
+        if row.numel():
+            p = torch.unique(row, return_counts=True)[1].double() / row.numel()
+            entropies.append(float(-(p * p.log()).sum()))
+    return sum(entropies) / len(entropies) if entropies else 0.0
