@@ -117,8 +117,10 @@ class NelboTerms:
 def nelbo(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, mask_index: int,
           pad_mask: Optional[torch.Tensor] = None, *, discrete_steps: int = 0,
           antithetic: bool = True, eps_t: float = 1e-3,
-          generator: Optional[torch.Generator] = None) -> NelboTerms:
-    """Rao-Blackwellized NELBO of a batch ``x`` (B, L), one draw of t and of masks.
+          generator: Optional[torch.Generator] = None,
+          t: Optional[torch.Tensor] = None) -> NelboTerms:
+    """Rao-Blackwellized NELBO of a batch ``x`` (B, L), one draw of t and of masks
+    (pass ``t`` (B,) to fix the times instead of drawing them).
 
     Sum over masked positions of  w(t) * -log x_theta(z_t)[x]  in fp32; unmasked
     positions contribute exactly 0 under SUBS and padding never counts. Divide
@@ -126,8 +128,9 @@ def nelbo(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, mask_ind
     """
     if pad_mask is None:
         pad_mask = torch.zeros_like(x, dtype=torch.bool)
-    t = sample_times(x.size(0), antithetic=antithetic, eps_t=eps_t,
-                     discrete_steps=discrete_steps, device=x.device, generator=generator)
+    if t is None:
+        t = sample_times(x.size(0), antithetic=antithetic, eps_t=eps_t,
+                         discrete_steps=discrete_steps, device=x.device, generator=generator)
     z_t, masked = mask_tokens(x, t, schedule, mask_index, pad_mask, generator)
     sigma = schedule.sigma(t)
     logits = denoiser(z_t, sigma, masked)
