@@ -106,6 +106,7 @@ def test_checkpoint_with_another_dictionary(trained_tiny, tmp_path):
 
 def test_resume_continues_from_last_checkpoint(ptb_tiny, tmp_path):
     common = ["--arch", "mdlm_tiny", *TINY_MODEL[2:], "--batch-size", "8", "--lr", "1e-3",
+              "--store-ema", "--ema-decay", "0.9",
               "--log-format", "json", "--log-interval", "5", "--seed", "5",
               "--no-epoch-checkpoints", "--num-workers", "0"]
     first = _train(ptb_tiny, tmp_path, *common[:], "--max-update", "10")
@@ -115,3 +116,17 @@ def test_resume_continues_from_last_checkpoint(ptb_tiny, tmp_path):
     text = again.stdout + again.stderr
     assert "Loaded checkpoint" in text and "@ 10 updates" in text
     assert _json_logs(text, "train_inner")[0]["num_updates"] == "15"
+
+
+def test_hydra_recipe_runs(ptb_tiny, tmp_path):
+    """examples/ptb/config/mdlm_tiny.yaml works with fairseq-hydra-train."""
+    from conftest import REPO
+    proc = fairseq_cli(
+        "hydra_train", "--config-dir", REPO / "examples/ptb/config", "--config-name",
+        "mdlm_tiny", f"task.data={ptb_tiny}", f"common.user_dir={USER_DIR}",
+        "optimization.max_update=2", f"checkpoint.save_dir={tmp_path / 'ckpt'}",
+        "task.tokens_per_sample=32", "dataset.batch_size=4", "model.embed_dim=32",
+        "model.layers=1", "model.attention_heads=2", "dataset.disable_validation=true",
+        f"hydra.run.dir={tmp_path / 'hydra'}", cwd=tmp_path)
+    text = proc.stdout + proc.stderr
+    assert "num_updates 2" in text and (tmp_path / "ckpt" / "checkpoint_last.pt").exists()
