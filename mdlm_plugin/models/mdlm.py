@@ -52,7 +52,9 @@ class MDLMModel(BaseFairseqModel):
             heads=cfg.attention_heads, cond_dim=cfg.cond_dim, dropout=cfg.dropout,
             max_positions=cfg.max_positions, causal=False,
             time_conditioning=cfg.time_conditioning)
-        self.register_buffer("dictionary_fingerprint", dictionary_fingerprint(dictionary))
+        # a uint8 buffer, so it travels in every checkpoint; fairseq's EMA averages every
+        # state-dict entry except keys containing "version", hence the name
+        self.register_buffer("dictionary_version", dictionary_fingerprint(dictionary))
 
     @classmethod
     def build_model(cls, cfg, task):
@@ -80,8 +82,8 @@ class MDLMModel(BaseFairseqModel):
         return lambda z_t, sigma, positions: self(z_t, sigma=sigma, positions=positions)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        theirs = state_dict.get("dictionary_fingerprint")
-        if theirs is not None and not torch.equal(theirs.cpu(), self.dictionary_fingerprint.cpu()):
+        theirs = state_dict.get("dictionary_version")
+        if theirs is not None and not torch.equal(theirs.cpu(), self.dictionary_version.cpu()):
             n_theirs = state_dict["backbone.embed.weight"].shape[0]
             raise MDLMUserError(
                 f"the checkpoint was trained with a different dictionary ({n_theirs} symbols "
