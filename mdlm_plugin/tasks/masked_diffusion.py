@@ -9,7 +9,12 @@ Reads ``fairseq-preprocess --only-source`` output exactly as fairseq's
   ``from_pretrained``), so its index is ``len(dict.txt symbols)`` everywhere;
 * the noise schedule of the forward process (``--noise-schedule``), shared by the
   criterion (the loss) and the generator (sampling);
-* ``uses_ema``: with ``--store-ema`` validation reports the EMA weights' bound.
+* ``uses_ema``: with ``--store-ema`` validation reports the EMA weights' bound;
+* sampling with fairseq-generate / fairseq-interactive (``build_generator``,
+  ``inference_step``, ``build_dataset_for_inference``): the flags ``--sampler``,
+  ``--steps``, ``--gen-length`` and ``--semi-ar-stride`` are fields of this config;
+  the generator itself is ``mdlm_plugin/generator.py``, which documents the inputs
+  (prompts, ``<mask>`` infilling templates) and the hypotheses it returns.
 
 BOS/EOS: fairseq-preprocess ends every input line with ``</s>``; those tokens are
 data and are modelled (and corrupted) like any other token. The MDLM sample is the
@@ -20,14 +25,19 @@ MDLM does not read.
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 
-from fairseq.data import Dictionary
+import numpy as np
+import torch
+from fairseq.data import (Dictionary, IdDataset, ListDataset, NestedDictionaryDataset,
+                          NumelDataset, PadDataset)
 from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import FairseqTask, register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 from fairseq import utils
 
+from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedules import SCHEDULES, build_schedule
 from ..errors import MDLMUserError
 
@@ -35,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 MASK_SYMBOL = "<mask>"
 MAX_EVAL_PASSES = 64
+# "<mask>" (one position to fill) or "<mask>*N" (N positions) in an input line
+MASK_SPAN = re.compile(re.escape(MASK_SYMBOL) + r"(?:\*(\d+))?")
 
 
 @dataclass
@@ -53,6 +65,23 @@ class MaskedDiffusionConfig(LanguageModelingConfig):
     eval_seed: int = field(
         default=1, metadata={"help": "evaluation: seed of the times and masks drawn, so a "
                                      "checkpoint's bound is reproducible"})
+    sampler: ChoiceEnum(list(SAMPLERS)) = field(
+        default="ddpm_cache",
+        metadata={"help": "generation: ancestral sampler; ddpm_cache skips the network "
+                          "when a step changed no token (exact, but only for models "
+                          "without time conditioning: use ddpm for those)"})
+    steps: int = field(
+        default=128, metadata={"help": "generation: diffusion steps (per window)"})
+    gen_length: int = field(
+        default=0, metadata={"help": "generation: tokens per sample, prompt included "
+                                     "(0: --tokens-per-sample). Longer than the window "
+                                     "(--tokens-per-sample, at most the model's positions) "
+                                     "is generated semi-autoregressively"})
+    semi_ar_stride: int = field(
+        default=0, metadata={"help": "generation: semi-autoregressive sampling, S new "
+                                     "tokens per window after the first (the window's other "
+                                     "tokens are the previous ones, fixed). 0: only when "
+                                     "--gen-length exceeds the window, with S = window/2"})
 
 
 def add_mask_symbol(dictionary: Dictionary) -> int:
@@ -95,6 +124,12 @@ class MaskedDiffusionTask(LanguageModelingTask):
     def build_model(self, args, from_checkpoint=False):
         model = FairseqTask.build_model(self, args, from_checkpoint)
         limit = model.max_positions() if hasattr(model, "max_positions") else None
+        if isinstance(limit, int) and self.args.tokens_per_sample > limit and from_checkpoint:
+            raise MDLMUserError(
+                f"--tokens-per-sample {self.args.tokens_per_sample} exceeds the checkpoint's "
+                f"{limit} positions: pass the --tokens-per-sample the model was trained with "
+                f"(fairseq-generate and fairseq-interactive do not read it from the "
+                f"checkpoint; it is also the sampling window)")
         if isinstance(limit, int) and self.args.tokens_per_sample > limit:
             raise MDLMUserError(
                 f"--tokens-per-sample {self.args.tokens_per_sample} exceeds the model's "
@@ -122,3 +157,79 @@ class MaskedDiffusionTask(LanguageModelingTask):
         """Validation scores the EMA weights when fairseq keeps them (--store-ema)."""
         return super().valid_step(sample, ema_model if ema_model is not None else model,
                                   criterion)
+
+    # ------------------------------------------------------------------ generation
+
+    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None,
+                        prefix_allowed_tokens_fn=None):
+        """The masked-diffusion sampler behind fairseq-generate / fairseq-interactive
+        (see ``mdlm_plugin/generator.py``); ``args`` is fairseq's generation config."""
+        from ..generator import MaskedDiffusionGenerator
+
+        unsupported = [
+            ("--lm-path", (extra_gen_cls_kwargs or {}).get("lm_model") is not None),
+            ("--score-reference (use fairseq-validate for the likelihood bound)",
+             getattr(args, "score_reference", False)),
+            ("--constraints", bool(getattr(args, "constraints", None))),
+            ("prefix_allowed_tokens_fn", prefix_allowed_tokens_fn is not None),
+        ]
+        for flag, used in unsupported:
+            if used:
+                raise MDLMUserError(f"{flag} is not supported by masked diffusion sampling")
+        return MaskedDiffusionGenerator.from_task(self, models, args)
+
+    def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
+        """Data splits (fairseq-generate): ``--prefix-size K`` fixes the first K target
+        tokens, K = 0 samples unconditionally. Inference datasets (fairseq-interactive):
+        each input is a prompt or an infilling template."""
+        if constraints is not None:
+            raise MDLMUserError("--constraints is not supported by masked diffusion sampling")
+        with torch.no_grad():
+            return generator.generate(models, sample, prefix_tokens=prefix_tokens)
+
+    def get_interactive_tokens_and_lengths(self, lines, encode_fn):
+        """Input lines to token ids, without the end-of-sentence symbol (a prompt is
+        continued, not closed). ``<mask>`` marks one position to fill and
+        ``<mask>*N`` N positions; the text between is tokenized (``encode_fn``: the
+        tokenizer and BPE) piece by piece, so markers survive BPE."""
+        tokens = [self._encode_input_line(line, encode_fn) for line in lines]
+        return tokens, [t.numel() for t in tokens]
+
+    def _encode_input_line(self, line, encode_fn):
+        pieces, start = [], 0
+        for m in MASK_SPAN.finditer(line):
+            pieces.append(self._encode_text(line[start:m.start()], encode_fn))
+            n = 1 if m.group(1) is None else int(m.group(1))
+            if n < 1:
+                raise MDLMUserError(f"{m.group(0)!r} in input line {line!r}: the number of "
+                                    f"positions to fill must be >= 1")
+            pieces.append(torch.full((n,), self.mask_index, dtype=torch.long))
+            start = m.end()
+        pieces.append(self._encode_text(line[start:], encode_fn))
+        return torch.cat(pieces)
+
+    def _encode_text(self, text, encode_fn):
+        if not text.strip():
+            return torch.empty(0, dtype=torch.long)
+        return self.source_dictionary.encode_line(
+            encode_fn(text.strip()), add_if_not_exist=False, append_eos=False).long()
+
+    def build_dataset_for_inference(self, src_tokens, src_lengths, **kwargs):
+        """Prompts/templates as given: no eos appended, no bos prepended (unlike
+        language_modeling, which conditions on a leading eos). ``src_tokens`` of the
+        batch are the inputs, right-padded. The sizes fairseq batches and filters by
+        are clipped to the window (--tokens-per-sample): a prompt's cost is at most a
+        window per step, and the generator itself reports inputs that do not fit."""
+        sizes = np.clip(np.asarray(src_lengths, dtype=np.int64), 1, self.args.tokens_per_sample)
+        inputs = ListDataset(src_tokens, sizes)
+        return NestedDictionaryDataset(
+            {
+                "id": IdDataset(),
+                "net_input": {
+                    "src_tokens": PadDataset(inputs, pad_idx=self.source_dictionary.pad(),
+                                             left_pad=False),
+                    "src_lengths": NumelDataset(inputs, reduce=False),
+                },
+            },
+            sizes=[sizes],
+        )

@@ -1,0 +1,468 @@
+"""fairseq generator for masked diffusion LMs: a thin adapter around the samplers of
+``diffusion/samplers.py`` (all sampling maths lives there).
+
+``MaskedDiffusionTask.build_generator`` returns a :class:`MaskedDiffusionGenerator`;
+fairseq-generate and fairseq-interactive call it through ``task.inference_step``.
+
+Inputs (one per input sentence; ``--nbest N`` draws N independent samples of each):
+
+* fairseq-generate on a data split (``--gen-subset``): with ``--prefix-size K`` the
+  first K tokens of the target are the prompt, with ``--prefix-size 0`` (the
+  default) every input sentence yields one unconditional sample (its text is only
+  printed as the T- reference);
+* fairseq-interactive: each input line is a prompt, tokenized as given (no ``</s>``
+  is added). An empty line asks for an unconditional sample.
+* infilling (fairseq-interactive): a line containing ``<mask>`` is a template.
+  ``<mask>`` is one position to fill, ``<mask>*N`` is N positions; every other token
+  is given and never changes. The output has exactly the template's length (to
+  continue after the given text, end the line with ``<mask>*N``). A template must
+  fit one window.
+
+A prompt (no ``<mask>``) is continued to ``--gen-length`` tokens in total (default
+``--tokens-per-sample``). The window is ``--tokens-per-sample``, the length the model
+was trained on (at most its positions). A ``--gen-length`` beyond the window, or
+any ``--semi-ar-stride S``, samples semi-autoregressively with
+``sample_semi_ar``: windows of that length, each after the first keeping its last
+``window - S`` tokens fixed and generating S new ones (S defaults to window/2).
+
+Hypotheses (what fairseq-generate prints as H-/D-/P- lines):
+
+* ``tokens``: the sampled sequence, prompt or template tokens included, exactly
+  ``--gen-length`` (or template) tokens long, never ``<mask>`` or ``<pad>``. It is a
+  block of text: ``</s>`` the model generates between sentences is kept in the
+  tokens, and fairseq's printing drops it, as it does for language models.
+* ``positional_scores`` (natural log, fairseq prints base 2): for each position the
+  sampler filled, the model's log-probability of the token it got, read from the
+  network call whose output it was drawn from (x_theta under SUBS with ``<mask>``
+  and ``<pad>`` excluded, at temperature 1 and without top-p, i.e. the model's own
+  probability at the moment the token was unmasked); 0 for given tokens.
+* ``score``: the mean of ``positional_scores`` over the filled positions (0 when
+  nothing was filled).
+* ``steps``: diffusion steps taken (all windows), printed with ``--print-step``;
+  ``history`` (``--retain-iter-history``, not with semi-autoregressive sampling):
+  the sequence before the first step and after each step, ``<mask>`` shown, then
+  the final tokens if the last step left masks; ``alignment``: None.
+
+``<pad>`` is never sampled: the model reads it as padding, so it cannot be text.
+Randomness comes from one ``torch.Generator`` seeded with ``--seed``: the same
+command gives the same output (the batches, and so ``--batch-size``, are part of
+what is reproduced).
+
+Statistics: ``generator.stats`` (:class:`GenerationStats`) accumulates samples,
+filled tokens, network calls, seconds and unigram entropy over every batch; its
+summary is logged once, when the generator is released or at exit, i.e. after
+fairseq-generate and fairseq-interactive printed everything (not after an error).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import weakref
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+from fairseq import utils
+
+from .diffusion.objective import log_probs_without_mask
+from .diffusion.samplers import SamplerConfig, sample, sample_semi_ar, unigram_entropy
+from .errors import MDLMUserError
+
+logger = logging.getLogger(__name__)
+
+# flag of the field a SamplerConfig ValueError is about (its message starts with it)
+_SAMPLER_FLAGS = (("unknown sampler", "--sampler"), ("sampler", "--sampler"),
+                  ("steps", "--steps"), ("temperature", "--temperature"),
+                  ("top_p", "--sampling-topp"), ("t_min", "t_min"))
+
+
+@dataclass
+class GenerationStats:
+    """Totals over every ``generate`` call of one generator."""
+
+    samples: int = 0            # hypotheses produced
+    filled_tokens: int = 0      # positions the sampler filled (given tokens excluded)
+    network_calls: int = 0      # denoiser calls made by the samplers
+    scoring_calls: int = 0      # extra calls for positional scores (semi-AR windows)
+    seconds: float = 0.0        # wall time of the sampling (scoring included)
+    entropy_sum: float = 0.0    # sum over samples of their unigram entropy (nats)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.filled_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def mean_unigram_entropy(self) -> float:
+        return self.entropy_sum / self.samples if self.samples else 0.0
+
+    def summary(self) -> str:
+        return (f"mdlm sampling: {self.samples} samples, {self.filled_tokens} tokens "
+                f"filled, {self.network_calls} network calls "
+                f"(+{self.scoring_calls} for scores), {self.seconds:.2f} s, "
+                f"{self.tokens_per_second:.1f} tokens/s, mean unigram entropy "
+                f"{self.mean_unigram_entropy:.3f} nats")
+
+
+def _log_summary(stats: GenerationStats) -> None:
+    """Log the totals (the generator was released, or the process is ending)."""
+    if not stats.samples or getattr(sys, "last_value", None) is not None:
+        return                         # nothing made, or dying of an uncaught error
+    streams = [getattr(h, "stream", None) for h in logging.getLogger().handlers + logger.handlers]
+    if any(getattr(s, "closed", False) for s in streams):
+        print(f"{logger.name}: {stats.summary()}", file=sys.stderr)   # a closed log file
+    else:
+        logger.info(stats.summary())
+
+
+class _Window:
+    """One ``sample`` run seen from the denoiser: the positions masked at its first
+    call, the scores found so far, and its last call (input and output)."""
+
+    def __init__(self, positions: torch.Tensor):
+        self.initial = positions.clone()
+        self.scores = torch.zeros(positions.shape, dtype=torch.float, device=positions.device)
+        self.z = self.sigma = self.positions = self.logits = None
+
+    def resolve(self, tokens: torch.Tensor, mask_index: int) -> None:
+        """Score the positions masked at the last call and holding a token in
+        ``tokens``: the sampler drew them from that call's output (ddpm: the call of
+        their step; ddpm_cache: the cached output, i.e. the last call)."""
+        newly = self.positions & (tokens != mask_index)
+        if not bool(newly.any()):
+            return
+        row = (self.positions.flatten().cumsum(0) - 1).view_as(self.positions)[newly]
+        lp = log_probs_without_mask(self.logits[row], mask_index)
+        self.scores[newly] = lp.gather(-1, tokens[newly].unsqueeze(-1)).squeeze(-1)
+
+
+class _ScoringDenoiser:
+    """The denoiser the samplers get: the model's, with ``<pad>`` excluded, recording
+    for every filled position the model's log-probability of its token.
+
+    The samplers ask for exactly the masked positions, and every token unmasked
+    between two calls was drawn from the earlier call's output, so each call
+    resolves the positions unmasked since the previous one. The last call of a run
+    is resolved against the final tokens. ``sample_semi_ar`` makes several runs
+    (windows): within one, the noise of successive calls strictly decreases (the
+    time grid runs from 1 down to t_min), so a call whose sigma does not, or that
+    asks for a position unmasked before, opens a new window.
+    """
+
+    def __init__(self, denoiser, mask_index: int, pad_index: int, windows: bool):
+        self.denoiser, self.mask_index, self.pad_index = denoiser, mask_index, pad_index
+        self.multi_window = windows
+        self.closed: List[_Window] = []
+        self.current: Optional[_Window] = None
+        self.scoring_calls = 0
+
+    def forward(self, z, sigma, positions):
+        logits = self.denoiser(z, sigma, positions)
+        logits[:, self.pad_index] = float("-inf")
+        return logits
+
+    def __call__(self, z, sigma, positions):
+        logits = self.forward(z, sigma, positions)
+        w = self.current
+        if w is not None and self.multi_window and (
+                float(sigma[0]) >= float(w.sigma[0]) or bool((positions & ~w.positions).any())):
+            self._close(w, z, positions)
+            w = None
+        if w is None:
+            w = self.current = _Window(positions)
+        else:
+            w.resolve(z, self.mask_index)
+        w.z, w.sigma, w.positions, w.logits = z.clone(), sigma.clone(), positions.clone(), logits
+        return logits
+
+    def _close(self, w: _Window, z: torch.Tensor, positions: torch.Tensor) -> None:
+        """End window ``w`` at the first call of the next one (input ``z``). The new
+        window starts with the last ``keep`` tokens generated so far, which are the
+        last ``keep`` of ``w``'s final tokens: if they hold every position ``w``
+        left masked (and agree with what ``w`` knew), score those now; otherwise its
+        last call is run again at the end (``semi_ar_scores``)."""
+        width = w.z.size(1)
+        keep = width - int(positions[0].sum())
+        if z.shape == w.z.shape and 0 < keep <= width and \
+                not bool(w.positions[:, :width - keep].any()):
+            seen = torch.full_like(w.z, self.mask_index)
+            seen[:, width - keep:] = z[:, :keep]
+            known = w.z != self.mask_index
+            known[:, :width - keep] = False
+            if bool((seen == w.z)[known].all()) and bool((seen != self.mask_index)[w.positions].all()):
+                w.resolve(seen, self.mask_index)
+                w.positions = torch.zeros_like(w.positions)
+        w.logits = None
+        self.closed.append(w)
+
+    def scores(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Positional scores of the output of one ``sample`` run."""
+        if self.current is None:       # nothing was masked
+            return torch.zeros(tokens.shape, dtype=torch.float, device=tokens.device)
+        self.current.resolve(tokens, self.mask_index)
+        return self.current.scores
+
+    def semi_ar_scores(self, tokens: torch.Tensor, prompt_length: int) -> torch.Tensor:
+        """Positional scores of a ``sample_semi_ar`` output: each window's masked
+        positions are a suffix whose tokens were appended to the output in order. A
+        closed window's last call is run again to score its last tokens."""
+        out = torch.zeros(tokens.shape, dtype=torch.float, device=tokens.device)
+        offset = prompt_length
+        for w in self.closed + ([self.current] if self.current is not None else []):
+            span = int(w.initial[0].sum())
+            start = w.initial.size(1) - span
+            if not bool(w.initial[:, start:].all()):
+                raise RuntimeError("semi-autoregressive window whose masks are not a suffix")
+            take = min(span, tokens.size(1) - offset)
+            if take <= 0:
+                break
+            final = torch.full_like(w.z, self.mask_index)
+            final[:, start:start + take] = tokens[:, offset:offset + take]
+            if w.logits is None and bool((w.positions & (final != self.mask_index)).any()):
+                w.logits = self.forward(w.z, w.sigma, w.positions)
+                self.scoring_calls += 1
+            w.resolve(final, self.mask_index)
+            w.logits = None
+            out[:, offset:offset + take] = w.scores[:, start:start + take]
+            offset += take
+        if offset != tokens.size(1):
+            raise RuntimeError(f"semi-autoregressive windows cover {offset} of "
+                               f"{tokens.size(1)} positions")
+        return out
+
+
+@dataclass
+class _Row:
+    """One hypothesis in the making."""
+
+    source: int                       # index of its input in the batch
+    prompt: torch.Tensor              # given tokens (template: with <mask>)
+    template: bool
+    tokens: Optional[torch.Tensor] = None
+    scores: Optional[torch.Tensor] = None
+    steps: int = 0
+    history: Optional[List[torch.Tensor]] = None
+
+
+class MaskedDiffusionGenerator:
+    """Samples from one MDLM with the samplers of ``diffusion/samplers.py``.
+
+    Use :meth:`from_task` (what the task's ``build_generator`` does), or build one
+    directly, e.g. for a benchmark, and call :meth:`generate_from_prompts`.
+    """
+
+    def __init__(self, model, schedule, dictionary, mask_index: int, *,
+                 sampler: str = "ddpm_cache", steps: int = 128, gen_length: int,
+                 window: int, semi_ar_stride: int = 0, temperature: float = 1.0,
+                 top_p: float = 1.0, nbest: int = 1, seed: int = 1,
+                 retain_history: bool = False):
+        self.model = model
+        self.schedule = schedule
+        self.mask_index = mask_index
+        self.pad = dictionary.pad()
+        self.eos = dictionary.eos()
+        self.symbols_to_strip_from_output = {self.eos}
+        if window < 1:
+            raise MDLMUserError(f"the sampling window (--tokens-per-sample) must be >= 1, "
+                                f"got {window}")
+        if gen_length < 1:
+            raise MDLMUserError(f"--gen-length must be >= 1 (or 0 for --tokens-per-sample), "
+                                f"got {gen_length}")
+        if not 0 <= semi_ar_stride <= window:
+            raise MDLMUserError(f"--semi-ar-stride must be in [1, window={window}] "
+                                f"(--tokens-per-sample), or 0 for automatic; got {semi_ar_stride}")
+        if nbest < 1:
+            raise MDLMUserError(f"--nbest must be >= 1, got {nbest}")
+        self.gen_length, self.window, self.nbest, self.seed = gen_length, window, nbest, seed
+        self.semi_ar = semi_ar_stride > 0 or gen_length > window
+        self.stride = semi_ar_stride or max(1, window // 2)
+        if retain_history and self.semi_ar:
+            raise MDLMUserError(
+                "--retain-iter-history is not available with semi-autoregressive sampling "
+                f"(--gen-length {gen_length} beyond the window of {window} tokens, or "
+                f"--semi-ar-stride): sample one window to see the denoising trajectory")
+        self.retain_history = retain_history
+        if str(sampler) == "ddpm_cache" and bool(model.time_conditioning):
+            raise MDLMUserError(
+                "--sampler ddpm_cache needs a model without time conditioning: it reuses "
+                "the last network output while no token changes, but this model also reads "
+                "sigma(t), which changes every step. Use --sampler ddpm or --sampler analytic")
+        try:
+            self.config = SamplerConfig(sampler=str(sampler), steps=steps,
+                                        temperature=temperature, top_p=top_p,
+                                        time_conditioned=bool(model.time_conditioning))
+        except ValueError as e:
+            msg = str(e)
+            flag = next(f for key, f in _SAMPLER_FLAGS + (("", "sampling"),)
+                        if msg.startswith(key))
+            raise MDLMUserError(f"{flag}: {msg}") from None
+        self.stats = GenerationStats()
+        self._rng: Optional[torch.Generator] = None
+        # log the totals once, when the CLI has printed everything: when the generator
+        # is released, or at exit (fairseq's checkpoint loading can leave the CLI's
+        # frame, and so the generator, in a reference cycle until then)
+        weakref.finalize(self, _log_summary, self.stats)
+        if self.semi_ar:
+            logger.info("semi-autoregressive sampling: %d tokens in windows of %d, "
+                        "%d new per window", gen_length, window, self.stride)
+
+    @classmethod
+    def from_task(cls, task, models, gen_args):
+        """From the task's config (--sampler, --steps, --gen-length, --semi-ar-stride,
+        --tokens-per-sample, --seed) and fairseq's generation config (--temperature,
+        --sampling-topp (negative: off, fairseq's default), --nbest,
+        --retain-iter-history)."""
+        if len(models) != 1:
+            raise MDLMUserError(f"masked diffusion sampling takes one checkpoint, got an "
+                                f"ensemble of {len(models)} (--path a:b)")
+        model = models[0]
+        args = task.args
+        limit = model.max_positions() if hasattr(model, "max_positions") else None
+        window = args.tokens_per_sample if not isinstance(limit, int) else min(
+            args.tokens_per_sample, limit)
+        top_p = getattr(gen_args, "sampling_topp", -1.0)
+        return cls(model, task.schedule, task.target_dictionary, task.mask_index,
+                   sampler=args.sampler, steps=args.steps,
+                   gen_length=args.gen_length or args.tokens_per_sample, window=window,
+                   semi_ar_stride=args.semi_ar_stride,
+                   temperature=getattr(gen_args, "temperature", 1.0),
+                   top_p=1.0 if top_p < 0 else top_p,
+                   nbest=getattr(gen_args, "nbest", 1), seed=args.seed,
+                   retain_history=bool(getattr(gen_args, "retain_iter_history", False)))
+
+    # ----------------------------------------------------------------- inputs
+
+    def prompts_of(self, sample, prefix_tokens=None) -> List[torch.Tensor]:
+        """The inputs of a fairseq batch: a data split's sample (it has a target)
+        gives its ``prefix_tokens`` (``--prefix-size``) or, without, empty prompts;
+        an inference sample gives its ``src_tokens``."""
+        if sample.get("target") is not None:
+            if prefix_tokens is None:
+                empty = sample["target"].new_zeros(0)
+                return [empty] * sample["target"].size(0)
+            return [utils.strip_pad(row, self.pad) for row in prefix_tokens]
+        return [utils.strip_pad(row, self.pad) for row in sample["net_input"]["src_tokens"]]
+
+    @torch.no_grad()
+    def generate(self, models, sample, prefix_tokens=None, **kwargs):
+        """fairseq's generator API: a list (per input) of ``--nbest`` hypotheses."""
+        if len(models) != 1 or models[0] is not self.model:
+            raise MDLMUserError("the generator samples from the model it was built with")
+        return self.generate_from_prompts(self.prompts_of(sample, prefix_tokens))
+
+    def _check(self, prompt: torch.Tensor) -> bool:
+        """True for an infilling template; raises for an input that cannot be done."""
+        n = prompt.numel()
+        if bool((prompt == self.mask_index).any()):
+            if n > self.window:
+                raise MDLMUserError(
+                    f"an infilling template has {n} tokens, more than the window of "
+                    f"{self.window} (--tokens-per-sample): a template must fit one window")
+            return True
+        if n > self.gen_length:
+            raise MDLMUserError(
+                f"a prompt has {n} tokens, more than the requested length --gen-length "
+                f"{self.gen_length} (the length includes the prompt): raise --gen-length "
+                f"or shorten the prompt")
+        return False
+
+    # ----------------------------------------------------------------- sampling
+
+    @torch.no_grad()
+    def generate_from_prompts(self, prompts: Sequence[torch.Tensor]):
+        """Hypotheses for each prompt (1-D token tensors: empty = unconditional, with
+        ``<mask>`` = infilling template), ``nbest`` independent samples each."""
+        device = next(self.model.parameters()).device
+        rows = []
+        for i, p in enumerate(prompts):
+            p = p.to(device=device, dtype=torch.long)
+            template = self._check(p)
+            rows += [_Row(i, p, template) for _ in range(self.nbest)]
+        if self._rng is None or self._rng.device != device:
+            self._rng = torch.Generator(device=device)
+            self._rng.manual_seed(self.seed)
+        self.model.eval()
+
+        start = time.perf_counter()
+        calls = [0, 0]
+        one_run = [r for r in rows if r.template or not self.semi_ar]
+        if one_run:
+            self._sample_one_window(one_run, calls)
+        by_length = {}
+        for r in rows:
+            if not (r.template or not self.semi_ar):
+                by_length.setdefault(r.prompt.numel(), []).append(r)
+        for _, group in sorted(by_length.items()):
+            self._sample_semi_ar(group, calls)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+
+        hypos = [[] for _ in prompts]
+        filled = 0
+        for r in rows:
+            given = r.prompt != self.mask_index
+            if not r.template:
+                given = torch.cat([given, given.new_zeros(r.tokens.numel() - r.prompt.numel())])
+            n_filled = int((~given).sum())
+            filled += n_filled
+            scores = r.scores.masked_fill(given, 0.0).float().cpu()
+            hypo = {
+                "tokens": r.tokens.cpu(),
+                "score": float(scores.sum()) / n_filled if n_filled else 0.0,
+                "positional_scores": scores,
+                "alignment": None,
+                "steps": r.steps,
+            }
+            if r.history is not None:
+                hypo["history"] = [{"tokens": h.cpu()} for h in r.history]
+            hypos[r.source].append(hypo)
+            self.stats.entropy_sum += unigram_entropy(r.tokens.unsqueeze(0))
+        self.stats.samples += len(rows)
+        self.stats.filled_tokens += filled
+        self.stats.network_calls += calls[0]
+        self.stats.scoring_calls += calls[1]
+        self.stats.seconds += seconds
+        return hypos
+
+    def _sample_one_window(self, rows: List[_Row], calls: List[int]) -> None:
+        """One ``sample`` run over the rows (prompt + masks up to --gen-length, or
+        the template), right-padded to a common length."""
+        inputs = []
+        for r in rows:
+            if r.template:
+                inputs.append(r.prompt)
+            else:
+                fill = self.gen_length - r.prompt.numel()
+                inputs.append(torch.cat([r.prompt, r.prompt.new_full((fill,), self.mask_index)]))
+        lengths = [x.numel() for x in inputs]
+        z = inputs[0].new_full((len(rows), max(lengths)), self.pad)
+        for k, x in enumerate(inputs):
+            z[k, :x.numel()] = x
+        denoiser = _ScoringDenoiser(self.model.denoiser(), self.mask_index, self.pad,
+                                    windows=False)
+        out = sample(denoiser, z, self.config, self.schedule, self.mask_index,
+                     generator=self._rng, retain_history=self.retain_history)
+        scores = denoiser.scores(out.tokens)
+        calls[0] += out.network_calls
+        history = out.history
+        if history is not None and not torch.equal(history[-1], out.tokens):
+            history = history + [out.tokens]
+        for k, (r, n) in enumerate(zip(rows, lengths)):
+            r.tokens, r.scores, r.steps = out.tokens[k, :n], scores[k, :n], out.steps
+            if history is not None:
+                r.history = [h[k, :n] for h in history]
+
+    def _sample_semi_ar(self, rows: List[_Row], calls: List[int]) -> None:
+        """One ``sample_semi_ar`` run over rows whose prompts have the same length."""
+        prefix = torch.stack([r.prompt for r in rows])
+        denoiser = _ScoringDenoiser(self.model.denoiser(), self.mask_index, self.pad,
+                                    windows=True)
+        out = sample_semi_ar(denoiser, prefix, self.gen_length, self.window, self.stride,
+                             self.config, self.schedule, self.mask_index,
+                             generator=self._rng)
+        scores = denoiser.semi_ar_scores(out.tokens, prefix.size(1))
+        calls[0] += out.network_calls
+        calls[1] += denoiser.scoring_calls
+        for k, r in enumerate(rows):
+            r.tokens, r.scores, r.steps = out.tokens[k], scores[k], out.steps
