@@ -10,11 +10,15 @@ The conditioning vector comes from the noise level sigma through a sinusoidal
 embedding and an MLP. Without time conditioning (the paper's default) sigma is
 replaced by 0, so the vector is a learned constant and the output depends on the
 tokens alone.
+
+A causal model can decode incrementally: pass a :class:`KVCache` and only the new
+tokens; each block appends their rotated keys and values to the cache, and the
+new positions' rotary angles start at the cached length.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -51,15 +55,17 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._cache = (0, None, None, None)
 
-    def forward(self, length: int, device, dtype):
+    def forward(self, length: int, device, dtype, offset: int = 0):
+        """cos, sin (length, head_dim) of positions offset .. offset + length - 1."""
+        end = offset + length
         n, dev, cos, sin = self._cache
-        if n < length or dev != device or cos.dtype != dtype:
-            pos = torch.arange(max(length, n), device=device, dtype=torch.float32)
+        if n < end or dev != device or cos.dtype != dtype:
+            pos = torch.arange(max(end, n), device=device, dtype=torch.float32)
             freqs = torch.outer(pos, self.inv_freq.to(device))
             emb = torch.cat([freqs, freqs], dim=-1)
             cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
             self._cache = (pos.numel(), device, cos, sin)
-        return cos[:length], sin[:length]
+        return cos[offset:end], sin[offset:end]
 
 
 def apply_rotary(x, cos, sin):
@@ -86,6 +92,38 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(feats.to(self.mlp[0].weight.dtype))
 
 
+class KVCache:
+    """Keys and values of the positions decoded so far, for a causal DiT.
+
+    One (B, heads, T, head_dim) key and value tensor per block, kept in a plain
+    dict of tensors (``store``) so a caller can keep it wherever it likes (fairseq
+    keeps it in its ``incremental_state``). Keys are stored already rotated.
+    """
+
+    def __init__(self, store: Optional[Dict[str, torch.Tensor]] = None):
+        self.store = {} if store is None else store
+
+    @property
+    def length(self) -> int:
+        """Number of positions cached (0 when empty)."""
+        k = self.store.get("k0")
+        return 0 if k is None else k.size(2)
+
+    def append(self, layer: int, k, v) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Add the new positions' k, v of one block; return all of that block's."""
+        kk, vk = f"k{layer}", f"v{layer}"
+        if kk in self.store:
+            k = torch.cat([self.store[kk], k], dim=2)
+            v = torch.cat([self.store[vk], v], dim=2)
+        self.store[kk], self.store[vk] = k, v
+        return k, v
+
+    def reorder(self, new_order):
+        """Keep batch rows ``new_order`` (in that order), e.g. after beam selection."""
+        for key, t in self.store.items():
+            self.store[key] = t.index_select(0, new_order)
+
+
 class DiTBlock(nn.Module):
     def __init__(self, dim: int, heads: int, cond_dim: int, dropout: float, causal: bool):
         super().__init__()
@@ -100,15 +138,24 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN.weight)
         nn.init.zeros_(self.adaLN.bias)
 
-    def forward(self, x, c, cos, sin, attn_mask: Optional[torch.Tensor]):
+    def forward(self, x, c, cos, sin, attn_mask: Optional[torch.Tensor],
+                cache: Optional[KVCache] = None, layer: int = 0):
+        """x (B, L, D); cos/sin of x's positions; attn_mask (B or 1, 1, L, T) bool,
+        True where a query may attend to a key, or None (all keys, or causal);
+        with a cache, x holds the new positions only and T counts the cached ones."""
         B, L, D = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)
 
         h = modulate(self.norm1(x), shift1, scale1)
         q, k, v = self.qkv(h).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
+        # SDPA's is_causal aligns the mask top-left, right only without cached keys; a
+        # single new query with cached keys may see them all
         a = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=self.causal and attn_mask is None,
+            q, k, v, attn_mask=attn_mask,
+            is_causal=self.causal and attn_mask is None and k.size(2) == L,
             dropout_p=0.0)
         a = self.attn_out(a.transpose(1, 2).reshape(B, L, D))
         x = x + gate1.unsqueeze(1) * F.dropout(a, self.dropout, self.training)
@@ -139,11 +186,14 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """Diffusion transformer over token ids.
 
-    forward(tokens, sigma=None, padding_mask=None, positions=None):
+    forward(tokens, sigma=None, padding_mask=None, positions=None, cache=None):
       tokens (B, L) long; sigma (B,) noise level (used only with time conditioning);
       padding_mask (B, L) bool, True at padding (excluded as attention keys);
       positions (B, L) bool: if given, logits only for those positions, shape (N, V),
-      row-major; else (B, L, V).
+      row-major; else (B, L, V);
+      cache: a :class:`KVCache` (causal models only): ``tokens`` are the positions
+      after the cached ones, which are appended to it. Decoding a sequence in
+      pieces through one cache gives the logits of the full causal forward.
     """
 
     def __init__(self, vocab_size: int, dim: int, layers: int, heads: int, cond_dim: int = 128,
@@ -164,31 +214,49 @@ class DiT(nn.Module):
         self.final = FinalLayer(dim, vocab_size, cond_dim)
         self.dropout = dropout
 
-    def hidden(self, tokens, sigma=None, padding_mask=None):
+    def condition(self, batch: int, sigma=None, device=None):
+        """The adaLN conditioning vector (B, C): from sigma with time conditioning,
+        else the same learned constant for every row."""
+        if sigma is None or not self.time_conditioning:
+            sigma = torch.zeros(batch, device=device)
+        return F.silu(self.sigma_map(sigma))
+
+    def hidden(self, tokens, sigma=None, padding_mask=None, cache: Optional[KVCache] = None):
         """Final hidden states (B, L, D) and the conditioning vector (B, C)."""
         B, L = tokens.shape
-        if L > self.max_positions:
-            raise ValueError(f"sequence length {L} exceeds the model's max_positions "
+        past = 0
+        if cache is not None:
+            if not self.causal:
+                raise ValueError("a KV cache needs a causal model: bidirectional outputs "
+                                 "change with every new token")
+            if padding_mask is not None and bool(padding_mask.any()):
+                raise ValueError("padding is not supported with a KV cache")
+            past = cache.length
+        if past + L > self.max_positions:
+            raise ValueError(f"sequence length {past + L} exceeds the model's max_positions "
                              f"{self.max_positions}")
-        if sigma is None or not self.time_conditioning:
-            sigma = torch.zeros(B, device=tokens.device)
-        c = F.silu(self.sigma_map(sigma))
+        c = self.condition(B, sigma, tokens.device)
         x = self.embed(tokens)
-        cos, sin = self.rotary(L, x.device, x.dtype)
+        cos, sin = self.rotary(L, x.device, x.dtype, offset=past)
         attn_mask = None
-        if padding_mask is not None and bool(padding_mask.any()):
+        if past > 0 and L > 1:
+            # new query i sits at position past + i and sees keys 0 .. past + i
+            attn_mask = torch.ones(L, past + L, dtype=torch.bool,
+                                   device=x.device).tril(diagonal=past)
+        elif padding_mask is not None and bool(padding_mask.any()):
             keep = ~padding_mask[:, None, None, :]                      # (B,1,1,L)
             if self.causal:
                 keep = keep & torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
             # a row whose keys are all padding would give NaN: let it see itself
             keep = keep | torch.eye(L, dtype=torch.bool, device=x.device)
             attn_mask = keep
-        for block in self.blocks:
-            x = block(x, c, cos, sin, attn_mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, c, cos, sin, attn_mask, cache, i)
         return x, c
 
-    def forward(self, tokens, sigma=None, padding_mask=None, positions=None):
-        x, c = self.hidden(tokens, sigma, padding_mask)
+    def forward(self, tokens, sigma=None, padding_mask=None, positions=None,
+                cache: Optional[KVCache] = None):
+        x, c = self.hidden(tokens, sigma, padding_mask, cache)
         if positions is None:
             return self.final(x, c)
         rows = torch.arange(x.size(0), device=x.device).unsqueeze(-1).expand_as(positions)
