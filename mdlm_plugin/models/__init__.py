@@ -1,1 +1,2 @@
 from . import mdlm  # noqa: F401
+from . import mdlm_ar  # noqa: F401
