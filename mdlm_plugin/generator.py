@@ -19,9 +19,10 @@ Inputs (one per input sentence; ``--nbest N`` draws N independent samples of eac
   fit one window.
 
 A prompt (no ``<mask>``) is continued to ``--gen-length`` tokens in total (default
-``--tokens-per-sample``). The window is ``--tokens-per-sample``, the length the model
-was trained on (at most its positions). A ``--gen-length`` beyond the window, or
-any ``--semi-ar-stride S``, samples semi-autoregressively with
+``--tokens-per-sample``). The window is ``--tokens-per-sample``: pass the value the
+model was trained with (fairseq-generate/-interactive do not read it from the
+checkpoint; it is capped at the model's positions). A ``--gen-length`` beyond the
+window, or any ``--semi-ar-stride S``, samples semi-autoregressively with
 ``sample_semi_ar``: windows of that length, each after the first keeping its last
 ``window - S`` tokens fixed and generating S new ones (S defaults to window/2).
 
@@ -52,6 +53,11 @@ Statistics: ``generator.stats`` (:class:`GenerationStats`) accumulates samples,
 filled tokens, network calls, seconds and unigram entropy over every batch; its
 summary is logged once, when the generator is released or at exit, i.e. after
 fairseq-generate and fairseq-interactive printed everything (not after an error).
+A benchmark can build one from a task and a model and time the samplers::
+
+    gen = task.build_generator([model], generation_cfg)   # or MaskedDiffusionGenerator(...)
+    gen.generate_from_prompts([torch.empty(0, dtype=torch.long)] * 64)  # unconditional
+    gen.stats.network_calls, gen.stats.seconds, gen.stats.mean_unigram_entropy
 """
 from __future__ import annotations
 
@@ -63,7 +69,6 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
-from fairseq import utils
 
 from .diffusion.objective import log_probs_without_mask
 from .diffusion.samplers import SamplerConfig, sample, sample_semi_ar, unigram_entropy
@@ -74,7 +79,7 @@ logger = logging.getLogger(__name__)
 # flag of the field a SamplerConfig ValueError is about (its message starts with it)
 _SAMPLER_FLAGS = (("unknown sampler", "--sampler"), ("sampler", "--sampler"),
                   ("steps", "--steps"), ("temperature", "--temperature"),
-                  ("top_p", "--sampling-topp"), ("t_min", "t_min"))
+                  ("top_p", "--sampling-topp"), ("", "sampling"))
 
 
 @dataclass
@@ -189,7 +194,8 @@ class _ScoringDenoiser:
             seen[:, width - keep:] = z[:, :keep]
             known = w.z != self.mask_index
             known[:, :width - keep] = False
-            if bool((seen == w.z)[known].all()) and bool((seen != self.mask_index)[w.positions].all()):
+            agrees = bool((seen == w.z)[known].all())
+            if agrees and bool((seen != self.mask_index)[w.positions].all()):
                 w.resolve(seen, self.mask_index)
                 w.positions = torch.zeros_like(w.positions)
         w.logits = None
@@ -293,8 +299,7 @@ class MaskedDiffusionGenerator:
                                         time_conditioned=bool(model.time_conditioning))
         except ValueError as e:
             msg = str(e)
-            flag = next(f for key, f in _SAMPLER_FLAGS + (("", "sampling"),)
-                        if msg.startswith(key))
+            flag = next(f for key, f in _SAMPLER_FLAGS if msg.startswith(key))
             raise MDLMUserError(f"{flag}: {msg}") from None
         self.stats = GenerationStats()
         self._rng: Optional[torch.Generator] = None
@@ -340,8 +345,8 @@ class MaskedDiffusionGenerator:
             if prefix_tokens is None:
                 empty = sample["target"].new_zeros(0)
                 return [empty] * sample["target"].size(0)
-            return [utils.strip_pad(row, self.pad) for row in prefix_tokens]
-        return [utils.strip_pad(row, self.pad) for row in sample["net_input"]["src_tokens"]]
+            return [row[row != self.pad] for row in prefix_tokens]
+        return [row[row != self.pad] for row in sample["net_input"]["src_tokens"]]
 
     @torch.no_grad()
     def generate(self, models, sample, prefix_tokens=None, **kwargs):
@@ -388,9 +393,9 @@ class MaskedDiffusionGenerator:
         one_run = [r for r in rows if r.template or not self.semi_ar]
         if one_run:
             self._sample_one_window(one_run, calls)
-        by_length = {}
+        by_length = {}                 # semi-AR continuations, grouped by prompt length
         for r in rows:
-            if not (r.template or not self.semi_ar):
+            if self.semi_ar and not r.template:
                 by_length.setdefault(r.prompt.numel(), []).append(r)
         for _, group in sorted(by_length.items()):
             self._sample_semi_ar(group, calls)
