@@ -144,6 +144,17 @@ class MaskedDiffusionTask(LanguageModelingTask):
                 f"{e}: the data directory has no binarized '{split}' split; binarize it "
                 f"with fairseq-preprocess (--trainpref/--validpref/--testpref)") from None
 
+    def get_batch_iterator(self, dataset, *args, **kwargs):
+        """fairseq's batching with --required-batch-size-multiple > 1 (default 8) leaves
+        out up to 7 blocks at the end of a split when --batch-size is not a multiple
+        of it; a bound must score every token of the split, so batches here are
+        never rounded (with fixed-size blocks they are full-sized anyway)."""
+        if len(args) >= 4:
+            args = args[:3] + (1,) + args[4:]
+        else:
+            kwargs["required_batch_size_multiple"] = 1
+        return super().get_batch_iterator(dataset, *args, **kwargs)
+
     @property
     def uses_ema(self):
         return True
