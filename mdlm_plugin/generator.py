@@ -321,6 +321,9 @@ class MaskedDiffusionGenerator:
             raise MDLMUserError(f"masked diffusion sampling takes one checkpoint, got an "
                                 f"ensemble of {len(models)} (--path a:b)")
         model = models[0]
+        if not callable(getattr(model, "denoiser", None)):
+            raise MDLMUserError(f"--task masked_diffusion samples from an mdlm model; the "
+                                f"checkpoint holds a {type(model).__name__}")
         args = task.args
         limit = model.max_positions() if hasattr(model, "max_positions") else None
         window = args.tokens_per_sample if not isinstance(limit, int) else min(
