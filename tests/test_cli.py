@@ -128,8 +128,7 @@ def test_hydra_recipe_runs(ptb_tiny, tmp_path):
         "hydra_train", "--config-dir", REPO / "examples/ptb/config", "--config-name",
         "mdlm_tiny", f"task.data={ptb_tiny}", f"common.user_dir={USER_DIR}",
         "optimization.max_update=2", f"checkpoint.save_dir={tmp_path / 'ckpt'}",
-        "task.tokens_per_sample=32", "dataset.batch_size=4", "model.embed_dim=32",
-        "model.layers=1", "model.attention_heads=2", "dataset.disable_validation=true",
+        "task.tokens_per_sample=32", "dataset.batch_size=4", "dataset.disable_validation=true",
         f"hydra.run.dir={tmp_path / 'hydra'}", cwd=tmp_path)
     text = proc.stdout + proc.stderr
     assert "num_updates 2" in text and (tmp_path / "ckpt" / "checkpoint_last.pt").exists()
