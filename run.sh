@@ -23,3 +23,10 @@ echo "== 3/4 test-set perplexity bound (NELBO, 4 Monte-Carlo passes, fixed seed)
 fairseq-validate "$DATA" --user-dir mdlm_plugin --task masked_diffusion \
   --path "$SAVE/checkpoint_best.pt" --valid-subset test --batch-size 32 \
   --eval-passes 4 "${DEVICE_FLAGS[@]}" 2>&1 | tee "$SAVE/test_bound.log" | grep -E "valid on 'test'|error"
+
+echo "== 4/4 samples (ddpm_cache, 128 steps): unconditional, a prompt, an infilling template"
+printf '\nthe company said\nthe <mask>*3 market was <mask>*4 yesterday\n' | \
+  fairseq-interactive "$DATA" --user-dir mdlm_plugin --task masked_diffusion \
+  --path "$SAVE/checkpoint_best.pt" --tokens-per-sample 128 --sampler ddpm_cache --steps 128 \
+  --gen-length 48 --seed 1 "${DEVICE_FLAGS[@]}" 2>&1 | tee "$SAVE/samples.log" | \
+  grep -E "^(S|H)-|mdlm sampling|error"
