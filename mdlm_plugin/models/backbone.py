@@ -35,15 +35,13 @@ class LayerNorm(nn.Module):
 
     def forward(self, x):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            y = F.layer_norm(x.float(), (self.dim,))
-        return (y * self.weight.float()).type_as(x)
+            return F.layer_norm(x.float(), (self.dim,), self.weight.float()).type_as(x)
 
 
 def modulate(x, shift, scale):
-    """adaLN affine transform: shift/scale (B, D) broadcast over x's positions."""
-    if x.dim() == 3:
-        shift, scale = shift.unsqueeze(1), scale.unsqueeze(1)
-    return x * (1 + scale) + shift
+    """adaLN affine transform x * (1 + scale) + shift, with shift/scale shaped to
+    broadcast over x (one fused op: elementwise passes dominate small models on CPU)."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 class Rotary(nn.Module):
@@ -144,7 +142,7 @@ class DiTBlock(nn.Module):
         True where a query may attend to a key, or None (all keys, or causal);
         with a cache, x holds the new positions only and T counts the cached ones."""
         B, L, D = x.shape
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).unsqueeze(1).chunk(6, -1)
 
         h = modulate(self.norm1(x), shift1, scale1)
         q, k, v = self.qkv(h).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
@@ -158,10 +156,10 @@ class DiTBlock(nn.Module):
             is_causal=self.causal and attn_mask is None and k.size(2) == L,
             dropout_p=0.0)
         a = self.attn_out(a.transpose(1, 2).reshape(B, L, D))
-        x = x + gate1.unsqueeze(1) * F.dropout(a, self.dropout, self.training)
+        x = torch.addcmul(x, gate1, F.dropout(a, self.dropout, self.training))
 
         h = modulate(self.norm2(x), shift2, scale2)
-        x = x + gate2.unsqueeze(1) * F.dropout(self.mlp(h), self.dropout, self.training)
+        x = torch.addcmul(x, gate2, F.dropout(self.mlp(h), self.dropout, self.training))
         return x
 
 
@@ -180,6 +178,8 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN(c).chunk(2, dim=-1)
         if rows is not None:
             shift, scale = shift[rows], scale[rows]
+        else:
+            shift, scale = shift.unsqueeze(1), scale.unsqueeze(1)
         return self.head(modulate(self.norm(x), shift, scale))
 
 
