@@ -24,6 +24,20 @@ def dictionary_fingerprint(dictionary) -> torch.Tensor:
     return torch.tensor(list(digest), dtype=torch.uint8)
 
 
+def check_same_dictionary(state_dict, fingerprint: torch.Tensor, n_symbols: int) -> None:
+    """One clear error when a checkpoint was trained with another dictionary (before
+    fairseq would fail on a shape mismatch, or silently load a same-sized one)."""
+    theirs = state_dict.get("dictionary_version")
+    if theirs is None or torch.equal(theirs.cpu(), fingerprint.cpu()):
+        return
+    n_theirs = next(v.shape[0] for k, v in state_dict.items()
+                    if k.endswith("backbone.embed.weight"))
+    raise MDLMUserError(
+        f"the checkpoint was trained with a different dictionary ({n_theirs} symbols) than "
+        f"the data directory's dict.txt gives ({n_symbols} symbols): pass the data-bin "
+        f"directory the model was trained on")
+
+
 @dataclass
 class MDLMConfig(FairseqDataclass):
     embed_dim: int = field(default=512, metadata={"help": "model width"})
@@ -82,14 +96,8 @@ class MDLMModel(BaseFairseqModel):
         return lambda z_t, sigma, positions: self(z_t, sigma=sigma, positions=positions)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        theirs = state_dict.get("dictionary_version")
-        if theirs is not None and not torch.equal(theirs.cpu(), self.dictionary_version.cpu()):
-            n_theirs = state_dict["backbone.embed.weight"].shape[0]
-            raise MDLMUserError(
-                f"the checkpoint was trained with a different dictionary ({n_theirs} symbols "
-                f"with <mask>) than the data directory's dict.txt gives "
-                f"({self.backbone.embed.num_embeddings} symbols with <mask>): pass the "
-                f"data-bin directory the model was trained on")
+        check_same_dictionary(state_dict, self.dictionary_version,
+                              self.backbone.embed.num_embeddings)
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg,
                                        args=args)
 

@@ -26,15 +26,14 @@ needed (the fast ``is_causal`` attention path is kept).
 
 from dataclasses import field, fields, make_dataclass
 
-import torch
 from fairseq.dataclass import FairseqDataclass
 from fairseq.models import (FairseqIncrementalDecoder, FairseqLanguageModel, register_model,
                             register_model_architecture)
 
 from ..errors import MDLMUserError
 from .backbone import DiT, KVCache
-from .mdlm import MDLMConfig, dictionary_fingerprint, mdlm_base, mdlm_medium, mdlm_small, \
-    mdlm_tiny
+from .mdlm import (MDLMConfig, check_same_dictionary, dictionary_fingerprint, mdlm_base,
+                   mdlm_medium, mdlm_small, mdlm_tiny)
 
 _BACKBONE_FLAGS = ("embed_dim", "layers", "attention_heads", "cond_dim", "dropout",
                    "max_positions")
@@ -127,14 +126,7 @@ class MDLMARModel(FairseqLanguageModel):
         return cls(MDLMARDecoder(cfg, target), target)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        theirs = state_dict.get("dictionary_version")
-        if theirs is not None and not torch.equal(theirs.cpu(), self.dictionary_version.cpu()):
-            n_theirs = state_dict["decoder.backbone.embed.weight"].shape[0]
-            raise MDLMUserError(
-                f"the checkpoint was trained with a different dictionary ({n_theirs} "
-                f"symbols) than the data directory's dict.txt gives "
-                f"({len(self.decoder.dictionary)} symbols): pass the data-bin directory "
-                f"the model was trained on")
+        check_same_dictionary(state_dict, self.dictionary_version, len(self.decoder.dictionary))
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg,
                                        args=args)
 
