@@ -189,8 +189,11 @@ def sample(denoiser: Denoiser, z: torch.Tensor, config: SamplerConfig,
             x = cache if cache is not None else x_theta(t)
             move, weights = _transition(config.sampler, schedule, x, t.to(device), s.to(device))
             leave = u_move[masked] < move
-            new = inverse_cdf(weights, u_token[masked])
-            z[masked] = torch.where(leave, new, torch.full_like(new, mask_index))
+            # tokens are drawn only where a position leaves the mask: the same values
+            # as drawing everywhere, without the float64 work for the others
+            new = torch.full_like(leave, mask_index, dtype=torch.long)
+            new[leave] = inverse_cdf(weights[leave], u_token[masked][leave])
+            z[masked] = new
             unchanged = not bool(leave.any())
             cache = x if (config.sampler == "ddpm_cache" and unchanged) else None
         if retain_history:
