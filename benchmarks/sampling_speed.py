@@ -47,6 +47,8 @@ from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import cpu_model, dist_version, git_revision  # noqa: E402
 PLUGIN = os.path.join(REPO, "mdlm_plugin")
 DEFAULT_TRAIN_DIR = "/tmp/mdlm_sampling_speed"
 SAMPLERS = ("ddpm", "ddpm_cache")
@@ -120,38 +122,6 @@ def resolve(path: str) -> str:
 
 
 # --------------------------------------------------------------------------- machine
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def dist_version(*names: str) -> str:
-    import importlib.metadata as md
-    for name in names:
-        try:
-            return f"{md.version(name)} ({name})"
-        except md.PackageNotFoundError:
-            continue
-    return "not installed"
-
-
-def git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain"],
-                               capture_output=True, text=True, timeout=30).stdout.strip()
-        return (rev or "unknown") + (" (+ uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
 
 def machine_info(threads: int) -> Dict[str, object]:
     import torch
