@@ -132,3 +132,26 @@ def test_hydra_recipe_runs(ptb_tiny, tmp_path):
         f"hydra.run.dir={tmp_path / 'hydra'}", cwd=tmp_path)
     text = proc.stdout + proc.stderr
     assert "num_updates 2" in text and (tmp_path / "ckpt" / "checkpoint_last.pt").exists()
+
+
+def _corrupt_copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_data_stops_before_training(ptb_tiny, tmp_path):
+    bad = _corrupt_copy(ptb_tiny, tmp_path / "bad")
+    with open(bad / "train.bin", "r+b") as f:
+        f.truncate((bad / "train.bin").stat().st_size - 64)
+    text = _error_of(_train(bad, tmp_path, *TINY_MODEL))
+    assert "train.bin has" in text and "truncated" in text
+    assert "num_updates" not in text and "begin training" not in text
+
+
+def test_index_of_other_data(ptb_tiny, trained_tiny, tmp_path):
+    bad = _corrupt_copy(ptb_tiny, tmp_path / "bad")
+    shutil.copy(bad / "valid.idx", bad / "test.idx")
+    proc = fairseq_cli("validate", bad, "--user-dir", USER_DIR, "--task", "masked_diffusion",
+                       "--path", trained_tiny[0] / "checkpoint_best.pt", "--valid-subset",
+                       "test", "--batch-size", "8", "--cpu", check=False)
+    assert "the .idx was written for other data" in _error_of(proc)

@@ -26,12 +26,14 @@ MDLM does not read.
 import logging
 import os
 import re
+import struct
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from fairseq.data import (Dictionary, IdDataset, ListDataset, NestedDictionaryDataset,
                           NumelDataset, PadDataset)
+from fairseq.data import indexed_dataset
 from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import FairseqTask, register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
@@ -82,6 +84,31 @@ class MaskedDiffusionConfig(LanguageModelingConfig):
                                      "tokens per window after the first (the window's other "
                                      "tokens are the previous ones, fixed). 0: only when "
                                      "--gen-length exceeds the window, with S = window/2"})
+
+
+def check_binarized_split(split_path: str) -> None:
+    """A truncated ``.bin``, or an ``.idx`` that does not describe its ``.bin``, is one
+    clear error when the split is loaded, before any step (fairseq itself would read
+    past the end mid-epoch or train on misaligned tokens)."""
+    idx, data = indexed_dataset.index_file_path(split_path), indexed_dataset.data_file_path(split_path)
+    if not (os.path.isfile(idx) and os.path.isfile(data)):
+        return                                   # a missing split is reported by load_dataset
+    if indexed_dataset.infer_dataset_impl(split_path) != "mmap":
+        return                                   # fairseq-preprocess writes mmap by default
+    try:
+        index = indexed_dataset.MMapIndexedDataset.Index(idx)
+        n = len(index)
+        pointer, size = index[n - 1] if n else (0, 0)
+        expected = int(pointer) + int(size) * np.dtype(index.dtype).itemsize
+    except (AssertionError, ValueError, KeyError, struct.error) as e:
+        raise MDLMUserError(f"{idx} is not a readable fairseq index ({e}): re-run "
+                            f"fairseq-preprocess for this split") from None
+    actual = os.path.getsize(data)
+    if actual != expected:
+        raise MDLMUserError(
+            f"{data} has {actual:,} bytes but its index {idx} describes {expected:,}: the .bin "
+            f"is truncated or the .idx was written for other data; re-run fairseq-preprocess "
+            f"for this split")
 
 
 def add_mask_symbol(dictionary: Dictionary) -> int:
@@ -137,6 +164,8 @@ class MaskedDiffusionTask(LanguageModelingTask):
         return model
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        paths = utils.split_paths(self.args.data)
+        check_binarized_split(os.path.join(paths[(epoch - 1) % len(paths)], split))
         try:
             return super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
         except FileNotFoundError as e:
