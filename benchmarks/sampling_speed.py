@@ -243,27 +243,8 @@ def ensure_checkpoint(model: str, path: str, args, data_dir: str) -> Dict[str, o
 
 def load(path: str, data_dir: str, overrides: Optional[Dict] = None):
     """(model, task, checkpoint facts) with fairseq's own loader."""
-    import torch
-    from fairseq import checkpoint_utils
-    arg_overrides = {"data": data_dir, **(overrides or {})}
-    state = checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides)
-    history = state.get("optimizer_history") or [{}]
-    extra = state.get("extra_state") or {}
-    cfg = state.get("cfg") or {}
-    val = extra.get("val_loss", extra.get("best"))
-    facts = {"num_updates": history[-1].get("num_updates"),
-             "valid_loss_bits": float(val) if isinstance(val, (int, float)) else None,
-             "arch": (cfg["model"].get("arch") or cfg["model"].get("_name")) if cfg else None,
-             "task": cfg["task"].get("_name") if cfg else None,
-             "arg_overrides": arg_overrides}
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
-        [path], arg_overrides=arg_overrides, state=state)
-    del state
-    model = models[0]
-    model.eval()
-    facts["params"] = sum(p.numel() for p in model.parameters())
-    facts["tokens_per_sample"] = int(task.args.tokens_per_sample)
-    return model, task, facts
+    from mdlm_plugin.evaluation import load_checkpoint
+    return load_checkpoint(path, data_dir, overrides)
 
 
 # --------------------------------------------------------------------------- sampling

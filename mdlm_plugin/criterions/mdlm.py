@@ -105,7 +105,7 @@ class MDLMCriterion(FairseqCriterion):
         passes = [k for k in range(MAX_EVAL_PASSES) if f"_pass{k}" in logging_outputs[0]] \
             if logging_outputs else []
         if passes:
-            metrics.log_scalar_sum("_ntok", ntokens)
+            metrics.log_scalar_sum("scored_tokens", ntokens)
             for k in passes:
                 metrics.log_scalar_sum(f"_pass{k}", total(f"_pass{k}"))
             metrics.log_derived("bound_se", lambda m: _pass_stderr(m, passes)[0])
@@ -119,7 +119,7 @@ class MDLMCriterion(FairseqCriterion):
 def _pass_stderr(meters, passes):
     """Standard error (bits/token, and perplexity by the delta method) of the mean
     over K passes of the split-level bound."""
-    n = max(meters["_ntok"].sum, 1)
+    n = max(meters["scored_tokens"].sum, 1)
     per_pass = [meters[f"_pass{k}"].sum / n / math.log(2) for k in passes]
     mean = sum(per_pass) / len(per_pass)
     var = sum((b - mean) ** 2 for b in per_pass) / (len(per_pass) - 1)

@@ -1,0 +1,132 @@
+"""Evaluation helpers shared by the comparison script (examples/compare) and the
+sampling benchmark: load a checkpoint with fairseq's own loader, draw unconditional
+samples from an MDLM (through the task's generator) or from an autoregressive fairseq
+language model (ancestral sampling with incremental decoding), and score token
+sequences with an autoregressive model (generative perplexity).
+
+Conventions, the same as fairseq's language_modeling task: an autoregressive model reads
+``</s>`` before the first token of a block (TokenBlockDataset does this for the first
+block of a stream), so a sequence x_1..x_L is scored as sum_i -log p(x_i | </s>, x_<i),
+and a sample is drawn from the same start. Perplexities are exp(total NLL in nats /
+total tokens) over all scored sequences, tokens in nats throughout.
+"""
+import math
+import os
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+from .diffusion.samplers import sample_categorical
+
+
+def load_checkpoint(path: str, data_dir: str, overrides: Optional[Dict] = None):
+    """(model in eval mode, task, facts) through fairseq's checkpoint loader, with the
+    data directory replaced by ``data_dir``."""
+    from fairseq import checkpoint_utils
+    arg_overrides = {"data": data_dir, **(overrides or {})}
+    state = checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides)
+    history = state.get("optimizer_history") or [{}]
+    cfg = state.get("cfg") or {}
+    extra = state.get("extra_state") or {}
+    val = extra.get("val_loss", extra.get("best"))
+    facts = {"num_updates": history[-1].get("num_updates"),
+             "valid_loss_bits": float(val) if isinstance(val, (int, float)) else None,
+             "arch": (cfg["model"].get("arch") or cfg["model"].get("_name")) if cfg else None,
+             "task": cfg["task"].get("_name") if cfg else None,
+             "arg_overrides": arg_overrides}
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+        [path], arg_overrides=arg_overrides, state=state)
+    del state
+    model = models[0]
+    model.eval()
+    facts["params"] = sum(p.numel() for p in model.parameters())
+    facts["tokens_per_sample"] = int(task.args.tokens_per_sample)
+    return model, task, facts
+
+
+def _batches(n: int, size: int):
+    return [min(size, n - i) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def ar_sequence_nll(model, tokens: torch.Tensor, bos: int, batch_size: int = 32) -> torch.Tensor:
+    """Per-row total negative log-likelihood (nats, float64) of ``tokens`` (N, L) under
+    the autoregressive fairseq LM ``model``, each row read after ``bos``."""
+    model.eval()
+    out = []
+    for start in range(0, tokens.size(0), batch_size):
+        x = tokens[start:start + batch_size]
+        inputs = torch.cat([x.new_full((x.size(0), 1), bos), x[:, :-1]], dim=1)
+        net_output = model(inputs)
+        lprobs = model.get_normalized_probs(net_output, log_probs=True).double()
+        out.append(-lprobs.gather(-1, x.unsqueeze(-1)).squeeze(-1).sum(-1))
+    return torch.cat(out)
+
+
+def generative_perplexity(scorer, tokens: torch.Tensor, bos: int,
+                          batch_size: int = 32) -> Dict[str, float]:
+    """exp(mean NLL per token) of ``tokens`` (N, L) under the autoregressive ``scorer``,
+    with the standard error of the per-token NLL over the N rows (delta method for
+    the perplexity)."""
+    nll = ar_sequence_nll(scorer, tokens, bos, batch_size)
+    per_row = nll / tokens.size(1)
+    mean = float(per_row.mean())
+    se = float(per_row.std(unbiased=True) / math.sqrt(len(per_row))) if len(per_row) > 1 else 0.0
+    return {"ppl": math.exp(mean), "nll_per_token": mean, "nll_se": se,
+            "ppl_se": se * math.exp(mean), "sequences": int(tokens.size(0)),
+            "tokens": int(tokens.numel())}
+
+
+@torch.no_grad()
+def ar_samples(model, n: int, length: int, bos: int, seed: int, batch_size: int = 16,
+               forbid: Sequence[int] = (), temperature: float = 1.0) -> torch.Tensor:
+    """``n`` ancestral samples of exactly ``length`` tokens from an autoregressive
+    fairseq LM, started after ``bos`` and decoded incrementally (fairseq's
+    ``incremental_state``). ``</s>`` may be drawn (it separates sentences inside a
+    block, as in the training data); tokens in ``forbid`` (pad, <s>) never are.
+    Draws are float64 inverse-CDF with a seeded generator."""
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for b in _batches(n, batch_size):
+        seq = torch.full((b, 1), bos, dtype=torch.long)
+        state: Dict = {}
+        for _ in range(length):
+            logits = model.decoder(seq, incremental_state=state)[0][:, -1].double()
+            if temperature != 1.0:
+                logits = logits / temperature
+            if forbid:
+                logits[:, list(forbid)] = -math.inf
+            probs = torch.softmax(logits, dim=-1)
+            seq = torch.cat([seq, sample_categorical(probs, g).unsqueeze(1)], dim=1)
+        rows.append(seq[:, 1:])
+    return torch.cat(rows)
+
+
+def mdlm_samples(task, model, n: int, length: int, steps: int, sampler: str, seed: int,
+                 batch_size: int = 16) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """``n`` unconditional MDLM samples of ``length`` tokens through the task's own
+    generator (what fairseq-generate / fairseq-interactive build), and its statistics."""
+    from fairseq.dataclass.configs import GenerationConfig
+    task.args.sampler, task.args.steps, task.args.seed = sampler, steps, seed
+    task.args.gen_length, task.args.semi_ar_stride = length, 0
+    gen = task.build_generator([model], GenerationConfig())   # temperature 1, no top-p
+    rows = []
+    for b in _batches(n, batch_size):
+        hypos = gen.generate_from_prompts([torch.empty(0, dtype=torch.long)] * b)
+        rows += [h[0]["tokens"] for h in hypos]
+    st = gen.stats
+    return torch.stack(rows), {"network_calls": st.network_calls, "seconds": st.seconds}
+
+
+def data_blocks(data_dir: str, split: str, length: int, n: Optional[int] = None) -> torch.Tensor:
+    """The split's consecutive blocks of ``length`` tokens (what the models were trained
+    to imitate, </s> included), the first ``n`` of them when given."""
+    from fairseq.data import data_utils
+    ds = data_utils.load_indexed_dataset(os.path.join(data_dir, split), None)
+    if ds is None:
+        raise FileNotFoundError(f"no split {split!r} in {data_dir}")
+    flat = torch.cat([ds[i].long() for i in range(len(ds))])
+    blocks = flat[: flat.numel() // length * length].view(-1, length)
+    return blocks if n is None else blocks[:n]
+
