@@ -99,6 +99,8 @@ def parse_args(argv=None):
     e.add_argument("--steps", default="16,64,256,1000", help="MDLM sampling steps")
     e.add_argument("--sampler", default="ddpm_cache", choices=("ddpm", "ddpm_cache", "analytic"))
     e.add_argument("--sample-batch", type=int, default=16)
+    p.add_argument("--report-only", action="store_true",
+                   help="only rewrite results.md and the plots from --out/results.json")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in args.models if m not in MODELS]
@@ -391,13 +393,22 @@ def report(res: Dict, args) -> str:
     for m in models:
         e = res["test"][m]
         rows.append([m, f"{res['params'][m] / 1e6:.2f}M", ("<= " if e["bound"] else "")
-                     + fmt(e["ppl"], ".2f"), fmt(e["ppl_se"], ".2f"), fmt(e["bits"], ".3f"),
+                     + fmt(e["ppl"], ".2f"), fmt(e["ppl_se"], ".2f") if e["bound"] else "exact",
+                     fmt(e["bits"], ".3f"),
                      f"{e['tokens']:,}"])
     out.append(md_table(head, rows))
     out += ["", f"The test split has {res['test_split_tokens']:,} tokens." + (
         "" if all(res["test"][m]["tokens"] == res["test_split_tokens"] for m in models)
         else " WARNING: not every model scored all of them.")]
     out += [""] + [f"- MDLM / {a}: {res['ratios'][a]:.3f}" for a in res["ratios"]] + [""]
+    if "mdlm" in models:
+        curve = dict(map(tuple, t["mdlm"]["valid_curve"]))
+        for a in res["ratios"]:
+            pts = [(u, curve[u] / p) for u, p in t[a]["valid_curve"] if u in curve]
+            if pts:
+                out.append(f"- validation ratio MDLM / {a} as training goes on (updates: ratio): "
+                           + ", ".join(f"{u}: {r:.2f}" for u, r in pts))
+        out.append("")
     out += ["For scale, the paper (Sahoo et al. 2024, LM1B, 110M parameters): " +
             "; ".join(f"{name}: MDLM <= {a} vs AR {b} (ratio {a / b:.2f})"
                       for name, a, b in PAPER) + ".", ""]
@@ -412,7 +423,8 @@ def report(res: Dict, args) -> str:
         rows = []
         for m in models:
             e = z["by_model"][m]
-            row = [m, ("<= " if e["bound"] else "") + fmt(e["ppl"], ".2f"), fmt(e["ppl_se"], ".2f")]
+            row = [m, ("<= " if e["bound"] else "") + fmt(e["ppl"], ".2f"),
+                   fmt(e["ppl_se"], ".2f") if e["bound"] else "exact"]
             if z.get("word_tokens"):
                 row.append(("<= " if e["bound"] else "") + fmt(e["word_ppl"], ".2f"))
             rows.append(row + [f"{e['tokens']:,}"])
@@ -544,8 +556,24 @@ def gen_targets(g: Dict) -> List[str]:
     return lines
 
 
+def write_report(res: Dict, args) -> str:
+    text = report(res, args)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(text + "\n")
+    plots(res, args.out)
+    return text
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.report_only:
+        path = os.path.join(args.out, "results.json")
+        if not os.path.isfile(path):
+            raise CompareError(f"{path} not found: run the comparison first")
+        with open(path) as f:
+            res = json.load(f)
+        print(write_report(res, argparse.Namespace(**{**res["args"], "out": args.out})))
+        return
     command = "python " + shlex.join([os.path.relpath(os.path.abspath(__file__))] +
                                      (sys.argv[1:] if argv is None else list(argv)))
     os.makedirs(args.work_dir, exist_ok=True)
@@ -595,11 +623,7 @@ def main(argv=None):
         res["generation"]["targets"] = gen_targets(res["generation"])
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(res, f, indent=1, default=str)
-    text = report(res, args)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text + "\n")
-    plots(res, args.out)
-    print(text)
+    print(write_report(res, args))
     print(f"written: {args.out}/results.md, results.json, valid_ppl.png, gen_ppl.png")
 
 
