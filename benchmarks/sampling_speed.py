@@ -5,13 +5,13 @@ Everything runs in one process, one model and one configuration at a time, with 
 same seed and the same number and length of unconditional samples:
 
 1. ``ddpm_cache`` vs ``ddpm`` on one MDLM checkpoint at T = 1000 and T = L (L = the
-   window, 128): wall time, CPU time, network calls, and whether the two samplers
-   produced identical tokens (they should: same random stream, and the cache only
-   skips calls whose output could not have changed). Measured twice: all samples in
-   one batch, and one sample at a time. ``ddpm_cache`` skips a call only when the
-   previous step unmasked no position *in the whole batch*, so its savings depend on
-   the batch size; the expected number of calls depends only on the noise schedule,
-   T and the number of positions (batch x L), and is printed next to the measurement.
+   window, 128): wall time, CPU time, row evaluations (rows run through the network,
+   summed over calls), and whether the two samplers produced identical tokens (they
+   should: same random stream, and the cache only skips rows whose output could not
+   have changed). Measured twice: all samples in one batch, and one sample at a
+   time. ``ddpm_cache`` runs a row again only after a step changed that row, so the
+   expected number of evaluations per sample depends only on the noise schedule, T
+   and L (not on the batch), and is printed next to the measurement.
 2. MDLM (``ddpm`` and ``ddpm_cache``) at several step counts vs fairseq's own
    ``SequenceGenerator`` with ``sampling=True`` (incremental decoding, what
    ``fairseq-generate --sampling --beam 1`` builds through ``task.build_generator``),
@@ -273,7 +273,7 @@ def mdlm_generate(task, model, sampler: str, steps: int, n: int, batch: int, len
     assert tokens.shape == (n, length), tokens.shape
     st = gen.stats
     return tokens, {**m.as_dict(), "network_calls": st.network_calls,
-                    "generator_seconds": st.seconds,
+                    "row_calls": st.row_calls, "generator_seconds": st.seconds,
                     "mean_unigram_entropy": st.mean_unigram_entropy}
 
 
@@ -411,7 +411,7 @@ def cache_table_rows(part1) -> List[List[str]]:
     for r in part1:
         d, c = r["ddpm"], r["ddpm_cache"]
         rows.append([str(r["steps"]), str(r["batch"]), str(r["samples"]),
-                     f"{d['network_calls']} / {c['network_calls']}",
+                     f"{d['row_calls']} / {c['row_calls']}",
                      f"{r['expected_calls_ddpm']:.0f} / {r['expected_calls_cache']:.0f}",
                      f"{d['wall_s']:.2f} / {c['wall_s']:.2f}",
                      f"{d['cpu_s']:.2f} / {c['cpu_s']:.2f}",
@@ -422,9 +422,9 @@ def cache_table_rows(part1) -> List[List[str]]:
     return rows
 
 
-CACHE_HEAD = ["T", "batch", "samples", "calls ddpm / cache", "expected calls",
+CACHE_HEAD = ["T", "batch", "samples", "row evaluations ddpm / cache", "expected",
               "wall s ddpm / cache", "CPU s ddpm / cache", "speed-up wall", "speed-up CPU",
-              "calls ratio", "cache time in skipped steps (est.)", "identical tokens",
+              "evaluations ratio", "cache time in skipped work (est.)", "identical tokens",
               "other load"]
 SPEED_HEAD = ["model", "sampler", "steps", "network calls", "s/sample (wall)",
               "CPU s/sample", "x transformer_lm (wall)", "x transformer_lm (CPU)",
@@ -472,9 +472,9 @@ def markdown_report(res) -> str:
               "speed-up = ddpm / ddpm_cache; expected calls: the schedule-only formula "
               "(`expected_calls`); other load: share of all cores used by other processes "
               "during the run.", "", md_table(CACHE_HEAD, cache_table_rows(res["part1"])), "",
-              "Expected ddpm_cache network calls per generate call by batch size "
-              f"(L = {s['length']}; ddpm makes about T):", "",
-              md_table(["T"] + [f"batch {b}" for b in res["expected_calls_by_batch"]["batches"]],
+              "Expected row evaluations per sample, any batch size "
+              f"(L = {s['length']}):", "",
+              md_table(["T"] + [f"{b}" for b in res["expected_calls_by_batch"]["batches"]],
                        [[str(t)] + [f"{v:.0f}" for v in vals] for t, vals in
                         res["expected_calls_by_batch"]["rows"].items()]), "",
               f"## 2. MDLM vs autoregressive sampling ({s['samples']} samples of "
@@ -632,28 +632,29 @@ def main(argv=None):
                 tok, stats = mdlm_generate(mtask, mdlm, sampler, steps, count, batch, L, args.seed)
                 res[sampler] = (tok, stats)
                 print(f"    T={steps:<5} batch {batch:<3} x{count:<3} {sampler:<11} "
-                      f"{stats['network_calls']:>6} calls  {stats['wall_s']:8.2f} s wall  "
+                      f"{stats['row_calls']:>6} row evals  {stats['wall_s']:8.2f} s wall  "
                       f"{stats['cpu_s']:8.2f} s CPU  other load {pct(stats['other_load'])}",
                       flush=True)
             (td, sd), (tc, sc) = res["ddpm"], res["ddpm_cache"]
             identical = bool(torch.equal(td, tc))
-            calls_per_run = len(batches(count, batch))
             row = {"steps": steps, "batch": batch, "samples": count, "identical": identical,
                    "ddpm": sd, "ddpm_cache": sc,
-                   "expected_calls_ddpm": calls_per_run * expected_calls(
-                       mtask.schedule, steps, batch * L, "ddpm"),
-                   "expected_calls_cache": calls_per_run * expected_calls(
-                       mtask.schedule, steps, batch * L, "ddpm_cache"),
+                   # ddpm_cache runs a row only after that row changed: per row, the
+                   # expected evaluations are those of one sequence of L positions
+                   "expected_calls_ddpm": count * expected_calls(
+                       mtask.schedule, steps, L, "ddpm"),
+                   "expected_calls_cache": count * expected_calls(
+                       mtask.schedule, steps, L, "ddpm_cache"),
                    "speedup_wall": sd["wall_s"] / sc["wall_s"],
                    "speedup_cpu": sd["cpu_s"] / sc["cpu_s"],
-                   "calls_ratio": sd["network_calls"] / max(1, sc["network_calls"])}
-            # ddpm's wall time per call (the call and its step) times ddpm_cache's calls is
-            # what its calls cost; the rest is spent in the steps that skipped the network
-            per_call = sd["wall_s"] / max(1, sd["network_calls"])
-            row["skipped_steps_share"] = max(0.0, 1.0 - sc["network_calls"] * per_call
+                   "calls_ratio": sd["row_calls"] / max(1, sc["row_calls"])}
+            # ddpm's wall time per row evaluation (with its step) times ddpm_cache's
+            # evaluations is what they cost; the rest is spent in the work they skipped
+            per_call = sd["wall_s"] / max(1, sd["row_calls"])
+            row["skipped_steps_share"] = max(0.0, 1.0 - sc["row_calls"] * per_call
                                              / sc["wall_s"])
             print(f"    -> speed-up {row['speedup_wall']:.2f}x wall, {row['speedup_cpu']:.2f}x "
-                  f"CPU, {row['calls_ratio']:.2f}x fewer calls; identical tokens: {identical}",
+                  f"CPU, {row['calls_ratio']:.2f}x fewer row evaluations; identical tokens: {identical}",
                   flush=True)
             part1.append(row)
             if batch == B and count == n:
@@ -718,24 +719,26 @@ def main(argv=None):
                               "steps": crossover(xy, target), "where": where})
 
     # schedule-only expectation of ddpm_cache calls by batch size
-    by_batch = sorted({1, B, 16, 64})
-    exp_rows = {t: [expected_calls(mtask.schedule, t, b * L, "ddpm_cache") for b in by_batch]
+    by_batch = ["ddpm", "ddpm_cache"]     # expected row evaluations per sample
+    exp_rows = {t: [expected_calls(mtask.schedule, t, L, name) for name in by_batch]
                 for t in sorted(set(args.cache_steps) | set(args.steps))}
     d_ent = data_entropy(data_dir, "test", L, eos)
 
     notes = [
         "ddpm and ddpm_cache consume the same random stream (two (B, L) uniform tensors per "
         "step), so with the same seed they must give the same tokens: 'identical tokens'.",
-        "ddpm_cache reuses the last network output while a step unmasks nothing in the "
-        "whole batch. With B x L masked positions, a step of a T-step grid unmasks nothing "
-        "with probability about (1 - 1/T)^(B L) (loglinear schedule), so the cache saves "
-        "most calls at batch 1 and few at large batches; 'expected calls' is that formula "
-        "(it depends only on the schedule, T and B x L, not on the model).",
-        "Steps whose network call is skipped still draw the two uniform tensors and run the "
-        "float64 inverse-CDF draw over the vocabulary for every masked position, so the "
-        "wall-time speed-up is below the ratio of network calls; 'cache time in skipped "
-        "steps' estimates that share of ddpm_cache's time as 1 - (its calls x ddpm's "
-        "seconds per call) / its seconds.",
+        "ddpm_cache runs the network only on the rows that changed since their last "
+        "evaluation (the others reuse their cached output). With L masked positions, a "
+        "step of a T-step grid unmasks nothing in a row with probability about "
+        "(1 - 1/T)^L (loglinear schedule), whatever the batch size; 'expected' is the "
+        "number of row evaluations that formula predicts (it depends only on the "
+        "schedule, T and L, not on the model or the batch).",
+        "Rows whose evaluation is skipped still take part in the step (two uniform "
+        "tensors, the transition of their masked positions), and a call on a subset of "
+        "rows costs more per row than a full batch, so the wall-time speed-up is below "
+        "the ratio of row evaluations; 'cache time in skipped work' estimates the share "
+        "of ddpm_cache's time not spent on evaluations as 1 - (its evaluations x ddpm's "
+        "seconds per evaluation) / its seconds.",
         f"AR: fairseq's SequenceGenerator (task.build_generator with sampling=True, beam 1, "
         f"min_len = max_len_b = {L}, max_len_a = 0), from the start token </s>, "
         f"incremental decoding. It makes {L + 1} decoder calls per batch: {L} sampled tokens "
@@ -770,8 +773,8 @@ def main(argv=None):
 
     print("\n[1] ddpm_cache vs ddpm (speed-up = ddpm / ddpm_cache)")
     print(text_table(CACHE_HEAD, cache_table_rows(part1)))
-    print("\n    expected ddpm_cache calls per generate call (schedule only), by batch size:")
-    print(text_table(["T"] + [f"batch {b}" for b in by_batch],
+    print("\n    expected row evaluations per sample (schedule only), any batch size:")
+    print(text_table(["T"] + list(by_batch),
                      [[str(t)] + [f"{v:.0f}" for v in vals] for t, vals in exp_rows.items()]))
     print(f"\n[2] seconds per sample ({n} samples x {L} tokens, batch {B}); "
           f"x transformer_lm = time / transformer_lm's time")

@@ -70,7 +70,6 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .diffusion.objective import log_probs_without_mask
 from .diffusion.samplers import SamplerConfig, sample, sample_semi_ar, unigram_entropy
 from .errors import MDLMUserError
 
@@ -89,8 +88,8 @@ class GenerationStats:
     samples: int = 0            # hypotheses produced
     filled_tokens: int = 0      # positions the sampler filled (given tokens excluded)
     network_calls: int = 0      # denoiser calls made by the samplers
-    scoring_calls: int = 0      # extra calls for positional scores (semi-AR windows)
-    seconds: float = 0.0        # wall time of the sampling (scoring included)
+    row_calls: int = 0          # rows evaluated by those calls (ddpm_cache runs subsets)
+    seconds: float = 0.0        # wall time of the sampling
     entropy_sum: float = 0.0    # sum over samples of their unigram entropy (nats)
 
     @property
@@ -104,7 +103,7 @@ class GenerationStats:
     def summary(self) -> str:
         return (f"mdlm sampling: {self.samples} samples, {self.filled_tokens} tokens "
                 f"filled, {self.network_calls} network calls "
-                f"(+{self.scoring_calls} for scores), {self.seconds:.2f} s, "
+                f"({self.row_calls} row evaluations), {self.seconds:.2f} s, "
                 f"{self.tokens_per_second:.1f} tokens/s, mean unigram entropy "
                 f"{self.mean_unigram_entropy:.3f} nats")
 
@@ -120,121 +119,14 @@ def _log_summary(stats: GenerationStats) -> None:
         logger.info(stats.summary())
 
 
-class _Window:
-    """One ``sample`` run seen from the denoiser: the positions masked at its first
-    call, the scores found so far, and its last call (input and output)."""
-
-    def __init__(self, positions: torch.Tensor):
-        self.initial = positions.clone()
-        self.scores = torch.zeros(positions.shape, dtype=torch.float, device=positions.device)
-        self.z = self.sigma = self.positions = self.logits = None
-
-    def resolve(self, tokens: torch.Tensor, mask_index: int) -> None:
-        """Score the positions masked at the last call and holding a token in
-        ``tokens``: the sampler drew them from that call's output (ddpm: the call of
-        their step; ddpm_cache: the cached output, i.e. the last call)."""
-        newly = self.positions & (tokens != mask_index)
-        if not bool(newly.any()):
-            return
-        row = (self.positions.flatten().cumsum(0) - 1).view_as(self.positions)[newly]
-        lp = log_probs_without_mask(self.logits[row], mask_index)
-        self.scores[newly] = lp.gather(-1, tokens[newly].unsqueeze(-1)).squeeze(-1)
-
-
-class _ScoringDenoiser:
-    """The denoiser the samplers get: the model's, with ``<pad>`` excluded, recording
-    for every filled position the model's log-probability of its token.
-
-    The samplers ask for exactly the masked positions, and every token unmasked
-    between two calls was drawn from the earlier call's output, so each call
-    resolves the positions unmasked since the previous one. The last call of a run
-    is resolved against the final tokens. ``sample_semi_ar`` makes several runs
-    (windows): within one, the noise of successive calls strictly decreases (the
-    time grid runs from 1 down to t_min), so a call whose sigma does not, or that
-    asks for a position unmasked before, opens a new window.
-    """
-
-    def __init__(self, denoiser, mask_index: int, pad_index: int, windows: bool):
-        self.denoiser, self.mask_index, self.pad_index = denoiser, mask_index, pad_index
-        self.multi_window = windows
-        self.closed: List[_Window] = []
-        self.current: Optional[_Window] = None
-        self.scoring_calls = 0
-
-    def forward(self, z, sigma, positions):
-        logits = self.denoiser(z, sigma, positions)
-        logits[:, self.pad_index] = float("-inf")
+def _without_pad(denoiser, pad_index: int):
+    """The model's denoiser with ``<pad>`` never predicted: the model reads it as
+    padding, so it cannot be text."""
+    def denoise(z, sigma, positions):
+        logits = denoiser(z, sigma, positions)
+        logits[:, pad_index] = float("-inf")
         return logits
-
-    def __call__(self, z, sigma, positions):
-        logits = self.forward(z, sigma, positions)
-        w = self.current
-        if w is not None and self.multi_window and (
-                float(sigma[0]) >= float(w.sigma[0]) or bool((positions & ~w.positions).any())):
-            self._close(w, z, positions)
-            w = None
-        if w is None:
-            w = self.current = _Window(positions)
-        else:
-            w.resolve(z, self.mask_index)
-        w.z, w.sigma, w.positions, w.logits = z.clone(), sigma.clone(), positions.clone(), logits
-        return logits
-
-    def _close(self, w: _Window, z: torch.Tensor, positions: torch.Tensor) -> None:
-        """End window ``w`` at the first call of the next one (input ``z``). The new
-        window starts with the last ``keep`` tokens generated so far, which are the
-        last ``keep`` of ``w``'s final tokens: if they hold every position ``w``
-        left masked (and agree with what ``w`` knew), score those now; otherwise its
-        last call is run again at the end (``semi_ar_scores``)."""
-        width = w.z.size(1)
-        keep = width - int(positions[0].sum())
-        if z.shape == w.z.shape and 0 < keep <= width and \
-                not bool(w.positions[:, :width - keep].any()):
-            seen = torch.full_like(w.z, self.mask_index)
-            seen[:, width - keep:] = z[:, :keep]
-            known = w.z != self.mask_index
-            known[:, :width - keep] = False
-            agrees = bool((seen == w.z)[known].all())
-            if agrees and bool((seen != self.mask_index)[w.positions].all()):
-                w.resolve(seen, self.mask_index)
-                w.positions = torch.zeros_like(w.positions)
-        w.logits = None
-        self.closed.append(w)
-
-    def scores(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Positional scores of the output of one ``sample`` run."""
-        if self.current is None:       # nothing was masked
-            return torch.zeros(tokens.shape, dtype=torch.float, device=tokens.device)
-        self.current.resolve(tokens, self.mask_index)
-        return self.current.scores
-
-    def semi_ar_scores(self, tokens: torch.Tensor, prompt_length: int) -> torch.Tensor:
-        """Positional scores of a ``sample_semi_ar`` output: each window's masked
-        positions are a suffix whose tokens were appended to the output in order. A
-        closed window's last call is run again to score its last tokens."""
-        out = torch.zeros(tokens.shape, dtype=torch.float, device=tokens.device)
-        offset = prompt_length
-        for w in self.closed + ([self.current] if self.current is not None else []):
-            span = int(w.initial[0].sum())
-            start = w.initial.size(1) - span
-            if not bool(w.initial[:, start:].all()):
-                raise RuntimeError("semi-autoregressive window whose masks are not a suffix")
-            take = min(span, tokens.size(1) - offset)
-            if take <= 0:
-                break
-            final = torch.full_like(w.z, self.mask_index)
-            final[:, start:start + take] = tokens[:, offset:offset + take]
-            if w.logits is None and bool((w.positions & (final != self.mask_index)).any()):
-                w.logits = self.forward(w.z, w.sigma, w.positions)
-                self.scoring_calls += 1
-            w.resolve(final, self.mask_index)
-            w.logits = None
-            out[:, offset:offset + take] = w.scores[:, start:start + take]
-            offset += take
-        if offset != tokens.size(1):
-            raise RuntimeError(f"semi-autoregressive windows cover {offset} of "
-                               f"{tokens.size(1)} positions")
-        return out
+    return denoise
 
 
 @dataclass
@@ -429,7 +321,7 @@ class MaskedDiffusionGenerator:
         self.stats.samples += len(rows)
         self.stats.filled_tokens += filled
         self.stats.network_calls += calls[0]
-        self.stats.scoring_calls += calls[1]
+        self.stats.row_calls += calls[1]
         self.stats.seconds += seconds
         return hypos
 
@@ -447,12 +339,12 @@ class MaskedDiffusionGenerator:
         z = inputs[0].new_full((len(rows), max(lengths)), self.pad)
         for k, x in enumerate(inputs):
             z[k, :x.numel()] = x
-        denoiser = _ScoringDenoiser(self.model.denoiser(), self.mask_index, self.pad,
-                                    windows=False)
-        out = sample(denoiser, z, self.config, self.schedule, self.mask_index,
-                     generator=self._rng, retain_history=self.retain_history)
-        scores = denoiser.scores(out.tokens)
+        out = sample(_without_pad(self.model.denoiser(), self.pad), z, self.config,
+                     self.schedule, self.mask_index, generator=self._rng,
+                     retain_history=self.retain_history)
+        scores = out.scores
         calls[0] += out.network_calls
+        calls[1] += out.row_calls
         history = out.history
         if history is not None and not torch.equal(history[-1], out.tokens):
             history = history + [out.tokens]
@@ -464,13 +356,11 @@ class MaskedDiffusionGenerator:
     def _sample_semi_ar(self, rows: List[_Row], calls: List[int]) -> None:
         """One ``sample_semi_ar`` run over rows whose prompts have the same length."""
         prefix = torch.stack([r.prompt for r in rows])
-        denoiser = _ScoringDenoiser(self.model.denoiser(), self.mask_index, self.pad,
-                                    windows=True)
-        out = sample_semi_ar(denoiser, prefix, self.gen_length, self.window, self.stride,
-                             self.config, self.schedule, self.mask_index,
-                             generator=self._rng)
-        scores = denoiser.semi_ar_scores(out.tokens, prefix.size(1))
+        out = sample_semi_ar(_without_pad(self.model.denoiser(), self.pad), prefix,
+                             self.gen_length, self.window, self.stride, self.config,
+                             self.schedule, self.mask_index, generator=self._rng)
+        scores = out.scores
         calls[0] += out.network_calls
-        calls[1] += denoiser.scoring_calls
+        calls[1] += out.row_calls
         for k, r in enumerate(rows):
             r.tokens, r.scores, r.steps = out.tokens[k], scores[k], out.steps

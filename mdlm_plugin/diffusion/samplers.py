@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .objective import Denoiser
+from .objective import Denoiser, log_probs_without_mask
 from .schedules import NoiseSchedule
 
 SAMPLERS = ("ddpm", "ddpm_cache", "analytic")
@@ -75,12 +75,18 @@ class SamplerConfig:
 
 @dataclass
 class SampleResult:
-    """``tokens`` (B, L') without any mask; ``network_calls`` denoiser calls made;
-    ``steps`` diffusion steps taken; ``history`` (``retain_history=True`` only):
-    z before the first step, then z after each of the ``steps`` steps."""
+    """``tokens`` (B, L') without any mask; ``scores`` (B, L') float32: for each
+    position the sampler filled, the model's log-probability of its token (x_theta
+    from the logits of the call it was drawn from, ``<mask>`` excluded, at temperature
+    1 and without top-p), 0 for given tokens; ``network_calls`` denoiser calls made;
+    ``row_calls`` rows evaluated over those calls (a call may run a subset of the
+    batch); ``steps`` diffusion steps taken; ``history`` (``retain_history=True``
+    only): z before the first step, then z after each of the ``steps`` steps."""
 
     tokens: torch.Tensor
+    scores: torch.Tensor
     network_calls: int
+    row_calls: int
     steps: int
     history: Optional[List[torch.Tensor]] = None
 
@@ -152,6 +158,53 @@ def _transition(sampler: str, schedule: NoiseSchedule, x: torch.Tensor,
     return (1.0 - stay).expand(x.size(0)), x
 
 
+class _RowCache:
+    """The network's output at the masked positions of every row, reused for the rows
+    whose tokens did not change since it was computed.
+
+    A model without time conditioning gives the same x_theta for the same z_t, so a
+    row that no step has changed needs no new call (``ddpm_cache``); the other
+    samplers invalidate every row after every step. Entries are kept row-major over
+    the masked positions, the order of ``z[masked]``; a valid row's masked positions
+    are the same as when it was computed, so its entries stay in place."""
+
+    def __init__(self, batch: int, device):
+        self.valid = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.owner = self.logits = self.x = None
+
+    def lookup(self, masked: torch.Tensor, compute):
+        """(logits, x) at every masked position; ``compute(rows)`` runs the network on
+        the rows (a 1-D index tensor) that are masked and not valid, if any."""
+        owner = masked.nonzero()[:, 0]
+        need = masked.any(1) & ~self.valid
+        if bool(need.any()):
+            fresh_logits, fresh_x = compute(need.nonzero().squeeze(1))
+            if self.owner is None or not bool(self.valid.any()):
+                logits, x = fresh_logits, fresh_x
+            else:
+                from_fresh = need[owner]
+                keep = self.valid[self.owner]
+                logits = fresh_logits.new_empty((owner.numel(), fresh_logits.size(-1)))
+                x = fresh_x.new_empty((owner.numel(), fresh_x.size(-1)))
+                logits[from_fresh], x[from_fresh] = fresh_logits, fresh_x
+                logits[~from_fresh], x[~from_fresh] = self.logits[keep], self.x[keep]
+        else:
+            keep = self.valid[self.owner]
+            logits, x = self.logits[keep], self.x[keep]
+        self.owner, self.logits, self.x = owner, logits, x
+        self.valid = masked.any(1)
+        return logits, x
+
+    def invalidate(self, rows: torch.Tensor) -> None:
+        self.valid &= ~rows
+
+
+def _token_scores(logits: torch.Tensor, tokens: torch.Tensor, mask_index: int) -> torch.Tensor:
+    """log x_theta[token] at temperature 1 (``<mask>`` excluded), float32."""
+    lp = log_probs_without_mask(logits.float(), mask_index)
+    return lp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
 @torch.no_grad()
 def sample(denoiser: Denoiser, z: torch.Tensor, config: SamplerConfig,
            schedule: NoiseSchedule, mask_index: int,
@@ -161,6 +214,8 @@ def sample(denoiser: Denoiser, z: torch.Tensor, config: SamplerConfig,
 
     ``generator`` (on z's device) makes the result reproducible: the same seed gives
     the same samples, and ddpm, ddpm_cache and analytic consume the same stream.
+    ``ddpm_cache`` calls the network only for the rows that changed since their
+    last call (per row, so its saving does not shrink with the batch size).
     """
     config.validate()
     if z.dim() != 2:
@@ -169,16 +224,19 @@ def sample(denoiser: Denoiser, z: torch.Tensor, config: SamplerConfig,
     B, L = z.shape
     device = z.device
     ts = torch.linspace(1.0, config.t_min, config.steps + 1, dtype=torch.float64)
-    calls = 0
-    cache = None  # x_theta at the masked positions; kept only while z is unchanged
+    calls = row_calls = 0
+    cache = _RowCache(B, device)
+    scores = torch.zeros(B, L, dtype=torch.float, device=device)
     history = [z.clone()] if retain_history else None
 
-    def x_theta(t):
-        nonlocal calls
-        calls += 1
-        sigma = schedule.sigma(t).float().to(device).expand(B)
-        logits = denoiser(z, sigma, z == mask_index)
-        return denoise_probs(logits, mask_index, config.temperature, config.top_p)
+    def network(t, masked):
+        def compute(rows):
+            nonlocal calls, row_calls
+            calls, row_calls = calls + 1, row_calls + rows.numel()
+            sigma = schedule.sigma(t).float().to(device).expand(rows.numel())
+            logits = denoiser(z[rows], sigma, masked[rows])
+            return logits, denoise_probs(logits, mask_index, config.temperature, config.top_p)
+        return cache.lookup(masked, compute)
 
     for k in range(config.steps):
         t, s = ts[k], ts[k + 1]
@@ -186,24 +244,32 @@ def sample(denoiser: Denoiser, z: torch.Tensor, config: SamplerConfig,
         u_token = torch.rand(B, L, dtype=torch.float64, device=device, generator=generator)
         masked = z == mask_index
         if bool(masked.any()):
-            x = cache if cache is not None else x_theta(t)
+            logits, x = network(t, masked)
             move, weights = _transition(config.sampler, schedule, x, t.to(device), s.to(device))
             leave = u_move[masked] < move
             # tokens are drawn only where a position leaves the mask: the same values
             # as drawing everywhere, without the float64 work for the others
             new = torch.full_like(leave, mask_index, dtype=torch.long)
             new[leave] = inverse_cdf(weights[leave], u_token[masked][leave])
-            z[masked] = new
-            unchanged = not bool(leave.any())
-            cache = x if (config.sampler == "ddpm_cache" and unchanged) else None
+            new_scores = scores[masked]
+            new_scores[leave] = _token_scores(logits[leave], new[leave], mask_index)
+            z[masked], scores[masked] = new, new_scores
+            if config.sampler == "ddpm_cache":
+                changed = torch.zeros_like(masked)
+                changed[masked] = leave
+                cache.invalidate(changed.any(1))
+            else:
+                cache.invalidate(torch.ones(B, dtype=torch.bool, device=device))
         if retain_history:
             history.append(z.clone())
 
     masked = z == mask_index
     if bool(masked.any()):
-        x = cache if cache is not None else x_theta(ts[-1])
-        z[masked] = x.argmax(-1)
-    return SampleResult(tokens=z, network_calls=calls, steps=config.steps, history=history)
+        logits, x = network(ts[-1], masked)
+        fill = x.argmax(-1)
+        z[masked], scores[masked] = fill, _token_scores(logits, fill, mask_index)
+    return SampleResult(tokens=z, scores=scores, network_calls=calls, row_calls=row_calls,
+                        steps=config.steps, history=history)
 
 
 @torch.no_grad()
@@ -219,7 +285,8 @@ def sample_semi_ar(denoiser: Denoiser, prefix_tokens: Optional[torch.Tensor],
     sampled with ``sample``. Each later window is the last ``window - stride`` tokens
     generated so far (fixed, SUBS copies them) plus ``stride`` masks; its new tokens
     are appended. A prompt of ``window`` tokens or more skips the first window. The
-    prompt is returned unchanged; ``network_calls`` and ``steps`` add up all windows.
+    prompt is returned unchanged (score 0); ``network_calls``, ``row_calls`` and
+    ``steps`` add up all windows.
     """
     if window < 1:
         raise ValueError(f"window (the model length) must be >= 1, got {window}")
@@ -238,21 +305,25 @@ def sample_semi_ar(denoiser: Denoiser, prefix_tokens: Optional[torch.Tensor],
         raise ValueError("prefix_tokens contains mask_index; for infilling call sample() "
                          "with a partly masked z")
 
-    def fill(ctx: torch.Tensor) -> torch.Tensor:
-        nonlocal calls, steps
+    def fill(ctx: torch.Tensor) -> None:
+        nonlocal tokens, scores, calls, row_calls, steps
         z = torch.cat([ctx, ctx.new_full((ctx.size(0), window - ctx.size(1)), mask_index)], 1)
         out = sample(denoiser, z, config, schedule, mask_index, generator)
-        calls, steps = calls + out.network_calls, steps + out.steps
-        return out.tokens[:, ctx.size(1):]
+        calls, row_calls = calls + out.network_calls, row_calls + out.row_calls
+        steps += out.steps
+        tokens = torch.cat([tokens, out.tokens[:, ctx.size(1):]], 1)
+        scores = torch.cat([scores, out.scores[:, ctx.size(1):]], 1)
 
-    calls = steps = 0
+    calls = row_calls = steps = 0
     tokens = prefix_tokens.long()
+    scores = torch.zeros(tokens.shape, dtype=torch.float, device=tokens.device)
     if tokens.size(1) < window:
-        tokens = torch.cat([tokens, fill(tokens)], 1)
+        fill(tokens)
     keep = window - stride
     while tokens.size(1) < total_length:
-        tokens = torch.cat([tokens, fill(tokens[:, tokens.size(1) - keep:])], 1)
-    return SampleResult(tokens=tokens[:, :total_length], network_calls=calls, steps=steps)
+        fill(tokens[:, tokens.size(1) - keep:])
+    return SampleResult(tokens=tokens[:, :total_length], scores=scores[:, :total_length],
+                        network_calls=calls, row_calls=row_calls, steps=steps)
 
 
 def unigram_entropy(tokens: torch.Tensor, ignore: Sequence[int] = ()) -> float:
