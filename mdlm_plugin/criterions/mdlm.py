@@ -11,11 +11,19 @@ criterion draws times and masks from its own generator seeded by the task's
 so two runs on the same checkpoint print the same bound, and with K >= 2 the
 split-level standard error across passes is logged as ``bound_se`` (bits) and
 ``ppl_se`` (perplexity, delta method).
+
+In training the times and masks of a micro-batch come from a generator seeded by
+(``--seed``, the update number, the micro-batch's first sample id), not from the
+global torch stream: the noise of a micro-batch is then the same whichever process
+or micro-batch slot computes it, so W gloo/NCCL ranks give the same update as one
+process with ``--update-freq W``, and a resumed run draws what the uninterrupted
+one would have.
 """
 
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from fairseq import metrics
 from fairseq.criterions import FairseqCriterion, register_criterion
@@ -56,6 +64,13 @@ class MDLMCriterion(FairseqCriterion):
         # fairseq-validate accepts it without --criterion
         self.eval_passes = task.args.eval_passes
         self.eval_seed = task.args.eval_seed
+        self.train_seed = getattr(task.args, "seed", 1)
+        self.num_updates = 0
+
+    def set_num_updates(self, num_updates):
+        """The update being computed (the task's train_step passes it): part of the
+        key of the training noise."""
+        self.num_updates = num_updates
 
     def _eval_generator(self, sample, device):
         g = torch.Generator(device=device)
@@ -63,12 +78,21 @@ class MDLMCriterion(FairseqCriterion):
         g.manual_seed(self.eval_seed * 1_000_003 + first_id)
         return g
 
+    def _train_generator(self, sample, device):
+        """Training noise keyed by (seed, update, first sample id of the micro-batch):
+        independent of the rank and of the micro-batch's slot in --update-freq."""
+        first_id = int(sample["id"].min()) if "id" in sample else 0
+        key = [self.train_seed % 2 ** 63, self.num_updates, first_id]
+        seed = int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0])
+        return torch.Generator(device=device).manual_seed(seed)
+
     def forward(self, model, sample, reduce=True):
         x = sample["target"]
         pad_mask = x.eq(self.padding_idx)
         evaluating = not model.training
         passes = self.eval_passes if evaluating else 1
-        generator = self._eval_generator(sample, x.device) if evaluating else None
+        generator = (self._eval_generator if evaluating else self._train_generator)(
+            sample, x.device)
         denoiser = model.denoiser()
 
         losses, n_masked = [], 0
@@ -113,7 +137,11 @@ class MDLMCriterion(FairseqCriterion):
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
-        return False  # the per-pass keys are only present in evaluation
+        # Every value is a count or a sum, and all outputs of one phase carry the same
+        # keys (the per-pass keys in every evaluation output, never in training), so
+        # fairseq may sum them across micro-batches and workers. This is also what lets
+        # gloo work: the other path (all_gather_list) allocates a CUDA buffer.
+        return True
 
 
 def _pass_stderr(meters, passes):

@@ -191,6 +191,8 @@ class MaskedDiffusionTask(LanguageModelingTask):
     def train_step(self, sample, model, criterion, optimizer, update_num,
                    ignore_grad=False, **kwargs):
         # the trainer passes ema_model= when --store-ema is on; training ignores it
+        if hasattr(criterion, "set_num_updates"):
+            criterion.set_num_updates(update_num)    # keys the criterion's training noise
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
     def valid_step(self, sample, model, criterion, ema_model=None, **kwargs):
