@@ -1,0 +1,56 @@
+"""Checkpoint files that survive SIGKILL at any moment.
+
+fairseq's ``checkpoint_utils.save_checkpoint`` writes the first checkpoint of a save
+(e.g. ``checkpoint_1_400.pt``) atomically: to ``NAME.tmp``, then ``os.rename``.
+The others of the same save, ``checkpoint_last.pt`` always among them (and
+``checkpoint_best.pt``), are *copies* made with ``PathManager.copy``, which without
+iopath is ``shutil.copyfile``: it truncates the destination and rewrites it in
+place. A kill during that copy leaves a truncated ``checkpoint_last.pt``, and the
+restarted run (which loads ``checkpoint_last.pt``) fails to load it.
+
+Loading the plugin therefore makes ``PathManager.copy`` between local files
+atomic: copy to ``DEST.tmp`` in the same directory, then ``os.replace`` it onto
+``DEST``. A reader, or a restarted run, sees the old file or the new one, never
+a part. (For a power loss rather than a killed process the data would also need
+an fsync, which fairseq's own save does not do either.) Remote paths handled by
+iopath are left to iopath.
+"""
+import os
+import shutil
+
+_MARK = "_mdlm_atomic_copy"
+
+
+def atomic_copy(src_path: str, dst_path: str) -> bool:
+    """Copy ``src_path`` onto ``dst_path`` so that ``dst_path`` is replaced in one
+    step (``os.replace`` of a temporary file in the destination's directory)."""
+    tmp = dst_path + ".tmp"
+    try:
+        shutil.copyfile(src_path, tmp)
+        os.replace(tmp, dst_path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+    return True
+
+
+def install_atomic_checkpoint_copy() -> None:
+    """Route fairseq's ``PathManager.copy`` of local files through :func:`atomic_copy`
+    (idempotent)."""
+    from fairseq.file_io import PathManager
+
+    original = PathManager.copy
+    if getattr(original, _MARK, False):
+        return
+
+    def copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
+        if PathManager.path_requires_pathmanager(src_path) or \
+                PathManager.path_requires_pathmanager(dst_path):
+            return original(src_path, dst_path, overwrite=overwrite)
+        return atomic_copy(src_path, dst_path)     # like fairseq's fallback: overwrites
+
+    setattr(copy, _MARK, True)
+    PathManager.copy = staticmethod(copy)
