@@ -9,6 +9,6 @@ from .errors import install_excepthook
 install_excepthook()
 install_atomic_checkpoint_copy()   # checkpoint_last.pt survives a kill during a save
 
-from . import criterions, models, tasks  # noqa: E402,F401  (registers with fairseq)
+from . import criterions, models, optim, tasks  # noqa: E402,F401  (registers with fairseq)
 
 __version__ = "0.1.0"
