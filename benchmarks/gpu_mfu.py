@@ -1,0 +1,394 @@
+"""GPU training speed and model FLOPs utilisation: MDLM `mdlm_small` vs fairseq's
+`transformer_lm` of the same size, at length 1024, in one run.
+
+    python benchmarks/gpu_mfu.py                 # on one H100/H200: about 4-6 minutes
+    python benchmarks/gpu_mfu.py --smoke         # tiny sizes on CPU: checks the pipeline
+
+Each model is trained by fairseq's own trainer (one ``fairseq-train`` subprocess per
+run) for ``--warmup-updates`` + ``--updates`` updates on the same data, batch,
+optimizer (``adamw_torch``: torch's fused AdamW on CUDA) and precision; tokens/s is
+fairseq's ``wps`` over the measured updates only. Data: ``--data DIR`` (any
+``fairseq-preprocess --only-source`` output, e.g. data-bin/ptb), or by default a
+random corpus over a ``--vocab``-word vocabulary (GPT-2's 50,257 by default), written
+and binarized with ``fairseq-preprocess`` by the script itself, offline.
+
+Precision (``--precision``): ``bf16`` (default) is fairseq's ``--bf16``: bf16
+weights and activations, fp32 master weights in fairseq's FP16Optimizer, no loss
+scaling. fairseq-train turns ``--bf16`` into ``--tpu`` (it needs torch_xla); this
+script runs fairseq-train with that one implication undone (see
+``_fairseq_train_bf16``); ``fairseq-hydra-train common.bf16=true`` does the same
+without any shim. ``fp16`` (``--fp16``, loss scaling) and ``amp`` (``--amp``,
+fp16 autocast) are fairseq-train as is.
+
+FLOPs per token (the convention of PaLM, Chowdhery et al. 2022, appendix B):
+
+    F = 6 * N + 12 * n_layers * seq_len * d_model
+    N = n_layers * (4 * d_model^2 + 2 * d_model * d_ffn) + d_model * V_out
+
+N counts the weights every token meets in a matmul: attention projections, FFN and
+the output layer (not the input embedding, a lookup, nor MDLM's adaLN modulation,
+which runs once per sequence); 12 * n_layers * seq_len * d_model is QK^T and AV,
+forward and backward, counted over the full sequence for both models. MFU =
+tokens/s * F / peak dense bf16 FLOP/s of the card (H100 SXM and H200: 989.4e12;
+H100 PCIe: 756e12; ``--peak-tflops`` for another card). MDLM computes the output
+layer only at masked positions (about half of them); the table also gives
+"executed MFU", with d_model * V_out weighted by the measured masked fraction.
+
+Writes ``results.json``, ``results.md`` (command, machine, table) and
+``throughput_mfu.png`` to ``--output-dir`` (default ``benchmarks/results/gpu``;
+``--smoke``: ``WORKDIR/smoke_results``), and each run's log under ``logs/``.
+"""
+import argparse
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from machine import REPO, cpu_model, dist_version, git_revision  # noqa: E402
+
+# peak dense bf16 tensor-core FLOP/s (NVIDIA data sheets, without sparsity)
+PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200", 989.4e12),
+             ("H100", 989.4e12), ("A100", 312e12)]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny models and data on CPU, to check the pipeline end to end")
+    p.add_argument("--data", default=None,
+                   help="binarized data directory (default: a random corpus, built once)")
+    p.add_argument("--vocab", type=int, default=50257, help="random corpus: vocabulary")
+    p.add_argument("--corpus-tokens", type=int, default=2_000_000,
+                   help="random corpus: training tokens")
+    p.add_argument("--precision", choices=["bf16", "fp16", "amp"], default="bf16")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per update")
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--ffn", type=int, default=3072, help="transformer_lm FFN width "
+                   "(MDLM's is 4 x dim)")
+    p.add_argument("--warmup-updates", type=int, default=20,
+                   help="updates not measured (CUDA init, allocator, kernel selection)")
+    p.add_argument("--updates", type=int, default=60, help="measured updates")
+    p.add_argument("--log-interval", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=2, help="runs per model, interleaved")
+    p.add_argument("--models", default="mdlm,transformer_lm")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak dense bf16 TFLOP/s (default: from the GPU's name)")
+    p.add_argument("--run-timeout", type=int, default=240, help="seconds per run")
+    p.add_argument("--workdir", default="/tmp/mdlm_gpu_mfu")
+    p.add_argument("--output-dir", default=None)
+    args = p.parse_args(argv)
+    if args.smoke:
+        for k, v in dict(vocab=500, corpus_tokens=60_000, seq_len=64, batch_size=4, layers=2,
+                         dim=64, heads=2, ffn=256, warmup_updates=2, updates=6,
+                         log_interval=2, num_workers=0, repeats=1, run_timeout=300).items():
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
+    if args.updates % args.log_interval or args.warmup_updates % args.log_interval:
+        p.error("--updates and --warmup-updates must be multiples of --log-interval")
+    if args.output_dir is None:
+        args.output_dir = (os.path.join(args.workdir, "smoke_results") if args.smoke
+                           else os.path.join(REPO, "benchmarks", "results", "gpu"))
+    return args
+
+
+# ---------------------------------------------------------------------------- data
+
+def random_corpus(args) -> str:
+    """A uniformly random corpus (lines of 100 tokens), binarized by fairseq-preprocess;
+    built once per (vocab, size) under --workdir."""
+    import numpy as np
+    dest = os.path.join(args.workdir, f"random_v{args.vocab}_n{args.corpus_tokens}")
+    if os.path.exists(os.path.join(dest, "train.idx")):
+        return dest
+    raw = os.path.join(args.workdir, "raw")
+    os.makedirs(raw, exist_ok=True)
+    rng = np.random.default_rng(0)
+    words = np.array([f"t{i}" for i in range(args.vocab)])
+    for split, n in (("train", args.corpus_tokens), ("valid", max(args.corpus_tokens // 100,
+                                                                  args.seq_len * 4))):
+        ids = rng.integers(0, args.vocab, size=(max(1, n // 100), 100))
+        with open(os.path.join(raw, f"{split}.txt"), "w") as f:
+            f.writelines(" ".join(words[row]) + "\n" for row in ids)
+    workers = max(1, min(8, len(os.sched_getaffinity(0))))
+    cmd = [sys.executable, "-m", "fairseq_cli.preprocess", "--only-source",
+           "--trainpref", os.path.join(raw, "train.txt"),
+           "--validpref", os.path.join(raw, "valid.txt"),
+           "--destdir", dest, "--workers", str(workers)]
+    print("binarizing a random corpus:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return dest
+
+
+# ---------------------------------------------------------------------------- runs
+
+def common_flags(args, data, device):
+    flags = [data, "--user-dir", os.path.join(REPO, "mdlm_plugin"),
+             "--tokens-per-sample", str(args.seq_len), "--sample-break-mode", "none",
+             "--batch-size", str(args.batch_size), "--optimizer", "adamw_torch",
+             "--adam-betas", "(0.9, 0.98)", "--weight-decay", "0.01", "--clip-norm", "1.0",
+             "--lr", "3e-4", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "10",
+             "--max-update", str(args.warmup_updates + args.updates), "--seed", "1",
+             "--no-save", "--disable-validation", "--num-workers", str(args.num_workers),
+             "--log-format", "json", "--log-interval", str(args.log_interval),
+             "--save-dir", os.path.join(args.workdir, "unused")]
+    flags += {"bf16": ["--bf16"], "fp16": ["--fp16"], "amp": ["--amp"]}[args.precision]
+    if device == "cpu":
+        flags.append("--cpu")
+    return flags
+
+
+def model_flags(model, args):
+    if model == "mdlm":
+        return ["--task", "masked_diffusion", "--criterion", "mdlm", "--arch", "mdlm_small",
+                "--embed-dim", str(args.dim), "--layers", str(args.layers),
+                "--attention-heads", str(args.heads), "--max-positions", str(args.seq_len),
+                "--dropout", "0.1"]
+    return ["--task", "language_modeling", "--criterion", "cross_entropy",
+            "--arch", "transformer_lm", "--decoder-layers", str(args.layers),
+            "--decoder-embed-dim", str(args.dim), "--decoder-input-dim", str(args.dim),
+            "--decoder-output-dim", str(args.dim), "--decoder-ffn-embed-dim", str(args.ffn),
+            "--decoder-attention-heads", str(args.heads), "--activation-fn", "gelu",
+            "--dropout", "0.1", "--attention-dropout", "0.0"]
+
+
+def train_command(model, args, data, device):
+    entry = ([sys.executable, os.path.abspath(__file__), "--fairseq-train-bf16"]
+             if args.precision == "bf16" else [sys.executable, "-m", "fairseq_cli.train"])
+    return entry + common_flags(args, data, device) + model_flags(model, args)
+
+
+def _fairseq_train_bf16(argv):
+    """fairseq-train with --bf16 on CPU/GPU: fairseq's argument post-processing makes
+    --bf16 imply --tpu; undo only that (the trainer's bf16 path is device-agnostic)."""
+    from fairseq_cli import train   # first: it sets up fairseq's log format
+    from fairseq import options
+    original = options.parse_args_and_arch
+
+    def parse_args_and_arch(*a, **kw):
+        ns = original(*a, **kw)
+        if getattr(ns, "bf16", False) and "--tpu" not in argv:
+            ns.tpu = False
+        return ns
+
+    options.parse_args_and_arch = parse_args_and_arch
+    sys.argv = ["fairseq-train", *argv]
+    train.cli_main()
+
+
+def run_once(model, rep, args, data, device, log_dir):
+    cmd = train_command(model, args, data, device)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=args.run_timeout)
+        text, code = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        text, code = _text(e.stdout) + _text(e.stderr), f"timeout after {args.run_timeout} s"
+    wall = time.time() - t0
+    with open(os.path.join(log_dir, f"{model}_run{rep}.log"), "w") as f:
+        f.write(" ".join(shlex.quote(c) for c in cmd) + "\n\n" + text)
+    if code != 0:
+        sys.exit(f"{model} run {rep} failed ({code}); log: {log_dir}/{model}_run{rep}.log\n"
+                 f"{text[-3000:]}")
+    return parse_run(model, text, args, wall, cmd)
+
+
+def _text(x):
+    return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+
+
+def parse_run(model, text, args, wall, cmd):
+    inner = [json.loads(m.group(1)) for m in re.finditer(r"train_inner\W[^{\n]*(\{.*\})", text)]
+    measured = [r for r in inner if int(r["num_updates"]) > args.warmup_updates]
+    if not measured:
+        sys.exit(f"{model}: no train_inner lines after the warm-up updates")
+    wps = [float(r["wps"]) for r in measured]
+    m = re.search(r"num\. shared model params: ([\d,]+)", text)
+    d = re.search(r"dictionary: (\d+) types", text)
+    gb_free = [float(r["gb_free"]) for r in inner if "gb_free" in r]
+    mask = [float(r["mask_frac"]) for r in measured if "mask_frac" in r]
+    return {
+        "model": model, "command": cmd, "wall_s": round(wall, 1),
+        "wps_intervals": wps, "tokens_per_s": statistics.median(wps),
+        "params": int(m.group(1).replace(",", "")) if m else None,
+        "dictionary": int(d.group(1)) if d else None,
+        "mask_frac": statistics.mean(mask) if mask else None,
+        "min_gb_free": min(gb_free) if gb_free else None,
+        "losses": [float(r["loss"]) for r in inner],
+    }
+
+
+# ---------------------------------------------------------------------------- FLOPs
+
+def flops_per_token(args, vocab_out, mdlm_ffn=None, head_fraction=1.0):
+    ffn = mdlm_ffn if mdlm_ffn is not None else args.ffn
+    body = args.layers * (4 * args.dim ** 2 + 2 * args.dim * ffn)
+    head = args.dim * vocab_out
+    attention = 12 * args.layers * args.seq_len * args.dim
+    return 6 * (body + head_fraction * head) + attention
+
+
+def gpu_info():
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    p = torch.cuda.get_device_properties(0)
+    return {"name": torch.cuda.get_device_name(0), "memory_gb": round(p.total_memory / 2**30, 1),
+            "cuda": torch.version.cuda, "count": torch.cuda.device_count()}
+
+
+def peak_flops(args, gpu):
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12, f"--peak-tflops {args.peak_tflops}"
+    if gpu:
+        for key, value in PEAK_BF16:
+            if key in gpu["name"]:
+                return value, f"{key} data sheet, dense bf16"
+    return None, "unknown (pass --peak-tflops)"
+
+
+# ---------------------------------------------------------------------------- report
+
+def summarize(runs, args, peak):
+    out = {}
+    for model in dict.fromkeys(r["model"] for r in runs):
+        mine = [r for r in runs if r["model"] == model]
+        tps = statistics.median(r["tokens_per_s"] for r in mine)
+        vocab_out = mine[0]["dictionary"] or args.vocab
+        ffn = 4 * args.dim if model == "mdlm" else args.ffn
+        f = flops_per_token(args, vocab_out, mdlm_ffn=ffn)
+        frac = mine[0]["mask_frac"] if model == "mdlm" else 1.0
+        f_exec = flops_per_token(args, vocab_out, mdlm_ffn=ffn, head_fraction=frac or 1.0)
+        out[model] = {
+            "tokens_per_s": tps, "runs": [r["tokens_per_s"] for r in mine],
+            "params": mine[0]["params"], "vocab_out": vocab_out, "ffn": ffn,
+            "flops_per_token": f, "executed_flops_per_token": f_exec,
+            "mask_frac": mine[0]["mask_frac"],
+            "achieved_tflops": tps * f / 1e12,
+            "mfu": tps * f / peak if peak else None,
+            "executed_mfu": tps * f_exec / peak if peak else None,
+            "peak_gb": None,
+        }
+    return out
+
+
+def markdown(header, summary, args, runs):
+    lines = ["# GPU training speed and MFU: MDLM vs transformer_lm", "",
+             f"Command: `{header['command']}`", "",
+             f"Machine: {header['machine']}", "",
+             f"Setup: {args.layers} layers x {args.dim}, {args.heads} heads, length "
+             f"{args.seq_len}, batch {args.batch_size} x {args.seq_len} tokens, precision "
+             f"{args.precision}, optimizer adamw_torch, {args.warmup_updates} warm-up + "
+             f"{args.updates} measured updates, data: {header['data']}.", "",
+             "| model | params | tokens/s (median) | runs | TFLOP/s | MFU | executed MFU |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for model, s in summary.items():
+        pct = lambda x: f"{100 * x:.1f}%" if x is not None else "n/a"  # noqa: E731
+        lines.append(f"| {model} | {s['params'] or 0:,} | {s['tokens_per_s']:,.0f} | "
+                     f"{', '.join(f'{x:,.0f}' for x in s['runs'])} | "
+                     f"{s['achieved_tflops']:.1f} | {pct(s['mfu'])} | {pct(s['executed_mfu'])} |")
+    if "mdlm" in summary and "transformer_lm" in summary:
+        lines += ["", f"Ratio MDLM / transformer_lm tokens/s: {header['ratio']:.2f}."]
+    lines += ["", f"Peak: {header['peak_source']}. FLOPs per token = 6 N + 12 n_layers "
+              f"seq_len d_model, N = n_layers (4 d^2 + 2 d d_ffn) + d V_out; executed MFU "
+              f"counts MDLM's output layer at the masked fraction "
+              f"({summary.get('mdlm', {}).get('mask_frac') or 0:.3f}).", "", "Runs:", ""]
+    for r in runs:
+        lines.append(f"- `{' '.join(shlex.quote(c) for c in r['command'])}`: "
+                     f"{r['tokens_per_s']:,.0f} tokens/s, {r['wall_s']} s wall")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary, path, title):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    names = list(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    axes[0].bar(names, [summary[n]["tokens_per_s"] for n in names], color=["C0", "C1"])
+    for i, n in enumerate(names):
+        axes[0].scatter([i] * len(summary[n]["runs"]), summary[n]["runs"], color="k", s=12)
+    axes[0].set_ylabel("training tokens/s")
+    if all(summary[n]["mfu"] is not None for n in names):
+        axes[1].bar(names, [100 * summary[n]["mfu"] for n in names], color=["C0", "C1"])
+        axes[1].axhline(40, color="gray", ls="--", lw=1)
+        axes[1].set_ylabel("MFU (%)")
+    else:
+        axes[1].bar(names, [summary[n]["achieved_tflops"] for n in names], color=["C0", "C1"])
+        axes[1].set_ylabel("achieved TFLOP/s (no peak known)")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--fairseq-train-bf16"]:
+        return _fairseq_train_bf16(argv[1:])
+    args = parse_args(argv)
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.smoke:
+        sys.exit("no CUDA device: run on a GPU, or use --smoke for a CPU check")
+    gpu = gpu_info()
+    peak, peak_source = peak_flops(args, gpu)
+    os.makedirs(args.workdir, exist_ok=True)
+    log_dir = os.path.join(args.output_dir, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    data = args.data or random_corpus(args)
+    machine = (f"{gpu['name']} ({gpu['memory_gb']} GiB, CUDA {gpu['cuda']})" if gpu
+               else f"CPU only: {cpu_model()}, {len(os.sched_getaffinity(0))} cores") + \
+        f"; torch {dist_version('torch')}, fairseq {dist_version('fairseq-fixed', 'fairseq')}, " \
+        f"git {git_revision()}, {time.strftime('%Y-%m-%d %H:%M')}"
+    print(f"machine: {machine}\npeak: {peak_source}\ndata: {data}", flush=True)
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    runs = []
+    t0 = time.time()
+    for rep in range(1, args.repeats + 1):
+        for model in models:
+            r = run_once(model, rep, args, data, device, log_dir)
+            runs.append(r)
+            print(f"{model} run {rep}: {r['tokens_per_s']:,.0f} tokens/s "
+                  f"({r['wall_s']} s)", flush=True)
+    summary = summarize(runs, args, peak)
+    for r in runs:      # memory: fairseq logs gb_free = total - peak allocated
+        if r["min_gb_free"] is not None and gpu:
+            summary[r["model"]]["peak_gb"] = round(gpu["memory_gb"] - r["min_gb_free"], 1)
+    ratio = (summary["mdlm"]["tokens_per_s"] / summary["transformer_lm"]["tokens_per_s"]
+             if {"mdlm", "transformer_lm"} <= set(summary) else None)
+    header = {"command": "python benchmarks/gpu_mfu.py " + " ".join(map(shlex.quote, argv)),
+              "machine": machine, "gpu": gpu, "peak_flops": peak, "peak_source": peak_source,
+              "data": data if args.data else f"random corpus, vocabulary {args.vocab}, "
+                                                f"{args.corpus_tokens:,} tokens",
+              "ratio": ratio, "total_s": round(time.time() - t0, 1)}
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump({"header": header, "args": vars(args), "summary": summary, "runs": runs},
+                  f, indent=1)
+    md = markdown(header, summary, args, runs)
+    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+        f.write(md)
+    plot(summary, os.path.join(args.output_dir, "throughput_mfu.png"),
+         f"{args.layers}x{args.dim}, L={args.seq_len}, {args.precision}; {machine[:60]}")
+    print(md)
+    print(f"written to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
