@@ -12,7 +12,7 @@ import torch
 
 from conftest import REPO, TINY_MODEL, USER_DIR, fairseq_cli
 
-MAX_UPDATE, EVERY = 16, 4
+MAX_UPDATE, EVERY = 12, 4
 
 
 def _args(data, save_dir):
@@ -24,6 +24,7 @@ def _args(data, save_dir):
             "--lr", "3e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "6",
             "--store-ema", "--ema-decay", "0.9", "--max-update", str(MAX_UPDATE),
             "--save-interval-updates", str(EVERY), "--no-epoch-checkpoints", "--seed", "7",
+            "--max-valid-steps", "4",          # fairseq validates at every mid-epoch save
             "--num-workers", "0", "--cpu", "--log-format", "json", "--log-interval", "1",
             "--save-dir", save_dir]
 
