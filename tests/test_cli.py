@@ -132,6 +132,13 @@ def test_hydra_recipe_runs(ptb_tiny, tmp_path):
         f"hydra.run.dir={tmp_path / 'hydra'}", cwd=tmp_path)
     text = proc.stdout + proc.stderr
     assert "num_updates 2" in text and (tmp_path / "ckpt" / "checkpoint_last.pt").exists()
+    # the recipe trains mdlm_tiny's 4 x 256, as train_mdlm.sh does (not the dataclass
+    # defaults hydra would otherwise fill in)
+    import torch
+    state = torch.load(tmp_path / "ckpt" / "checkpoint_last.pt", weights_only=False)
+    model = state["cfg"]["model"]
+    assert (model["embed_dim"], model["layers"], model["attention_heads"]) == (256, 4, 4)
+    assert sum(v.numel() for k, v in state["model"].items() if ".blocks.4." in k) == 0
 
 
 def _corrupt_copy(src, dst):
