@@ -51,6 +51,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PLUGIN = os.path.join(REPO, "mdlm_plugin")
 MODELS = ("mdlm", "mdlm_ar", "transformer_lm")
 AR_MODELS = ("mdlm_ar", "transformer_lm")
+COLOURS = {"mdlm": "tab:blue", "mdlm_ar": "tab:green", "transformer_lm": "tab:red"}
 # published numbers, for scale (Sahoo et al. 2024, Table 1: LM1B test perplexity, 110M
 # parameters; MDLM is a bound)
 PAPER = [("LM1B, 33B tokens", 27.04, 22.32), ("LM1B, 327B tokens", 23.00, 20.86)]
@@ -481,7 +482,7 @@ def plots(res: Dict, out_dir: str) -> None:
         pts = res["training"][m]["valid_curve"]
         if pts:
             ax.plot([u * per_update for u, _ in pts], [p for _, p in pts], marker="o",
-                    label=m + (" (bound)" if m == "mdlm" else ""))
+                    color=COLOURS[m], label=m + (" (bound)" if m == "mdlm" else ""))
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("validation perplexity")
     ax.set_yscale("log")
@@ -494,15 +495,18 @@ def plots(res: Dict, out_dir: str) -> None:
     g = res.get("generation")
     fig, ax = plt.subplots(figsize=(6, 4))
     if g:
-        styles = {"mdlm_ar": "--", "transformer_lm": ":"}
+        # colour: whose samples; line style: which AR model scored them
+        styles = {"mdlm_ar": "-", "transformer_lm": ":"}
+        colours = {"test data": "grey", **COLOURS}
         md = [r for r in g["rows"] if r["source"].startswith("mdlm (")]
         for s in g["scorers"]:
             ax.plot([r["steps"] for r in md], [r["scored_by"][s]["ppl"] for r in md],
-                    marker="o", label=f"MDLM samples, scored by {s}")
+                    marker="o", color="tab:blue", linestyle=styles.get(s, "-."),
+                    label=f"MDLM samples, scored by {s}")
             for r in g["rows"]:
                 if not r["source"].startswith("mdlm ("):
                     ax.axhline(r["scored_by"][s]["ppl"], linestyle=styles.get(s, "-."),
-                               color="grey" if r["source"] == "test data" else None,
+                               color=colours.get(r["source"], "black"),
                                label=f"{r['source']}, scored by {s}")
         if md:
             ax.set_xscale("log")
