@@ -256,25 +256,13 @@ def batches(n: int, size: int) -> List[int]:
 def mdlm_generate(task, model, sampler: str, steps: int, n: int, batch: int, length: int,
                   seed: int):
     """n unconditional samples of ``length`` tokens through task.build_generator."""
-    import torch
-    from fairseq.dataclass.configs import GenerationConfig
-    task.args.sampler = sampler
-    task.args.steps = steps
-    task.args.seed = seed
-    task.args.gen_length = length
-    task.args.semi_ar_stride = 0
-    gen = task.build_generator([model], GenerationConfig())   # temperature 1, no top-p, nbest 1
-    rows = []
+    from mdlm_plugin.evaluation import mdlm_samples
     with Meter() as m:
-        for b in batches(n, batch):
-            hypos = gen.generate_from_prompts([torch.empty(0, dtype=torch.long)] * b)
-            rows += [h[0]["tokens"] for h in hypos]
-    tokens = torch.stack(rows)
+        tokens, st = mdlm_samples(task, model, n, length, steps, sampler, seed, batch)
     assert tokens.shape == (n, length), tokens.shape
-    st = gen.stats
-    return tokens, {**m.as_dict(), "network_calls": st.network_calls,
-                    "row_calls": st.row_calls, "generator_seconds": st.seconds,
-                    "mean_unigram_entropy": st.mean_unigram_entropy}
+    return tokens, {**m.as_dict(), "network_calls": st["network_calls"],
+                    "row_calls": st["row_calls"], "generator_seconds": st["seconds"],
+                    "mean_unigram_entropy": st["mean_unigram_entropy"]}
 
 
 def ar_generate(task, model, n: int, batch: int, length: int, seed: int):

@@ -116,7 +116,9 @@ def mdlm_samples(task, model, n: int, length: int, steps: int, sampler: str, see
         hypos = gen.generate_from_prompts([torch.empty(0, dtype=torch.long)] * b)
         rows += [h[0]["tokens"] for h in hypos]
     st = gen.stats
-    return torch.stack(rows), {"network_calls": st.network_calls, "seconds": st.seconds}
+    return torch.stack(rows), {"network_calls": st.network_calls, "row_calls": st.row_calls,
+                               "seconds": st.seconds,
+                               "mean_unigram_entropy": st.mean_unigram_entropy}
 
 
 def data_blocks(data_dir: str, split: str, length: int, n: Optional[int] = None) -> torch.Tensor:
