@@ -49,6 +49,7 @@ from typing import Dict, List, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import cpu_model, dist_version, git_revision  # noqa: E402
+from mdlm_plugin.evaluation import batches  # noqa: E402
 PLUGIN = os.path.join(REPO, "mdlm_plugin")
 DEFAULT_TRAIN_DIR = "/tmp/mdlm_sampling_speed"
 SAMPLERS = ("ddpm", "ddpm_cache")
@@ -248,10 +249,6 @@ def load(path: str, data_dir: str, overrides: Optional[Dict] = None):
 
 
 # --------------------------------------------------------------------------- sampling
-
-def batches(n: int, size: int) -> List[int]:
-    return [min(size, n - i) for i in range(0, n, size)]
-
 
 def mdlm_generate(task, model, sampler: str, steps: int, n: int, batch: int, length: int,
                   seed: int):

@@ -44,7 +44,8 @@ def load_checkpoint(path: str, data_dir: str, overrides: Optional[Dict] = None):
     return model, task, facts
 
 
-def _batches(n: int, size: int):
+def batches(n: int, size: int):
+    """Sizes of the successive batches that split n items into batches of at most size."""
     return [min(size, n - i) for i in range(0, n, size)]
 
 
@@ -88,7 +89,7 @@ def ar_samples(model, n: int, length: int, bos: int, seed: int, batch_size: int 
     model.eval()
     g = torch.Generator().manual_seed(seed)
     rows = []
-    for b in _batches(n, batch_size):
+    for b in batches(n, batch_size):
         seq = torch.full((b, 1), bos, dtype=torch.long)
         state: Dict = {}
         for _ in range(length):
@@ -112,7 +113,7 @@ def mdlm_samples(task, model, n: int, length: int, steps: int, sampler: str, see
     task.args.gen_length, task.args.semi_ar_stride = length, 0
     gen = task.build_generator([model], GenerationConfig())   # temperature 1, no top-p
     rows = []
-    for b in _batches(n, batch_size):
+    for b in batches(n, batch_size):
         hypos = gen.generate_from_prompts([torch.empty(0, dtype=torch.long)] * b)
         rows += [h[0]["tokens"] for h in hypos]
     st = gen.stats
