@@ -49,7 +49,7 @@ from typing import Dict, List, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import cpu_model, dist_version, git_revision  # noqa: E402
-from mdlm_plugin.evaluation import batches  # noqa: E402
+from mdlm_plugin.generative_eval import batches  # noqa: E402
 PLUGIN = os.path.join(REPO, "mdlm_plugin")
 DEFAULT_TRAIN_DIR = "/tmp/mdlm_sampling_speed"
 SAMPLERS = ("ddpm", "ddpm_cache")
@@ -244,7 +244,7 @@ def ensure_checkpoint(model: str, path: str, args, data_dir: str) -> Dict[str, o
 
 def load(path: str, data_dir: str, overrides: Optional[Dict] = None):
     """(model, task, checkpoint facts) with fairseq's own loader."""
-    from mdlm_plugin.evaluation import load_checkpoint
+    from mdlm_plugin.generative_eval import load_checkpoint
     return load_checkpoint(path, data_dir, overrides)
 
 
@@ -253,7 +253,7 @@ def load(path: str, data_dir: str, overrides: Optional[Dict] = None):
 def mdlm_generate(task, model, sampler: str, steps: int, n: int, batch: int, length: int,
                   seed: int):
     """n unconditional samples of ``length`` tokens through task.build_generator."""
-    from mdlm_plugin.evaluation import mdlm_samples
+    from mdlm_plugin.generative_eval import mdlm_samples
     with Meter() as m:
         tokens, st = mdlm_samples(task, model, n, length, steps, sampler, seed, batch)
     assert tokens.shape == (n, length), tokens.shape

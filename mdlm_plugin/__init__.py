@@ -2,12 +2,32 @@
 
 Load with ``--user-dir mdlm_plugin``. fairseq auto-imports ``tasks/`` and
 ``models/`` of a user dir but not ``criterions/``, so everything is imported here.
+
+Importing the plugin changes two process-wide things, both in
+:func:`install_process_hooks` below (README, "Process-wide hooks").
 """
 from .checkpoint_io import install_atomic_checkpoint_copy
 from .errors import install_excepthook
 
-install_excepthook()
-install_atomic_checkpoint_copy()   # checkpoint_last.pt survives a kill during a save
+def install_process_hooks() -> None:
+    """The two process-wide changes loading the plugin makes (idempotent). fairseq
+    gives a ``--user-dir`` plugin no other entry point than its import, so they are
+    installed from here, for every fairseq CLI that loads the plugin:
+
+    1. ``sys.excepthook`` (``errors.install_excepthook``): an ``MDLMUserError`` that
+       reaches the top level, even wrapped by fairseq, prints one line
+       ``mdlm_plugin: error: ...`` instead of a traceback; every other exception goes
+       to the previous hook unchanged.
+    2. fairseq's ``PathManager.copy`` (``checkpoint_io.install_atomic_checkpoint_copy``):
+       a copy between local files goes to ``DEST.tmp`` and is renamed onto ``DEST``,
+       so a kill during a save never truncates ``checkpoint_last.pt``; remote (iopath)
+       paths keep fairseq's copy.
+    """
+    install_excepthook()
+    install_atomic_checkpoint_copy()
+
+
+install_process_hooks()
 
 from . import criterions, models, optim, tasks  # noqa: E402,F401  (registers with fairseq)
 

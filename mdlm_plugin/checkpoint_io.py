@@ -8,7 +8,7 @@ iopath is ``shutil.copyfile``: it truncates the destination and rewrites it in
 place. A kill during that copy leaves a truncated ``checkpoint_last.pt``, and the
 restarted run (which loads ``checkpoint_last.pt``) fails to load it.
 
-Loading the plugin therefore makes ``PathManager.copy`` between local files
+Loading the plugin therefore makes (``mdlm_plugin.install_process_hooks``) ``PathManager.copy`` between local files
 atomic: copy to ``DEST.tmp`` in the same directory, then ``os.replace`` it onto
 ``DEST``. A reader, or a restarted run, sees the old file or the new one, never
 a part. (For a power loss rather than a killed process the data would also need
@@ -46,11 +46,11 @@ def install_atomic_checkpoint_copy() -> None:
     if getattr(original, _MARK, False):
         return
 
-    def copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
+    def atomic_local_copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
         if PathManager.path_requires_pathmanager(src_path) or \
                 PathManager.path_requires_pathmanager(dst_path):
             return original(src_path, dst_path, overwrite=overwrite)
         return atomic_copy(src_path, dst_path)     # like fairseq's fallback: overwrites
 
-    setattr(copy, _MARK, True)
-    PathManager.copy = staticmethod(copy)
+    setattr(atomic_local_copy, _MARK, True)
+    PathManager.copy = staticmethod(atomic_local_copy)

@@ -3,7 +3,8 @@
 fairseq re-wraps some exceptions (for example "Cannot load model parameters ...
 please ensure that the architectures match") and its CLIs print long tracebacks.
 Our checks raise :class:`MDLMUserError`; a process hook prints just its message
-(and what to do) when one reaches the top level, even when fairseq wrapped it.
+(and what to do) when one reaches the top level, even when fairseq wrapped it. The
+hook is installed when the plugin is imported (``mdlm_plugin.install_process_hooks``).
 """
 import sys
 

@@ -12,7 +12,7 @@ from fairseq.data import Dictionary
 from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel
 
 from conftest import REPO
-from mdlm_plugin.evaluation import ar_samples, ar_sequence_nll, generative_perplexity
+from mdlm_plugin.generative_eval import ar_samples, ar_sequence_nll, generative_perplexity
 
 
 class BigramDecoder(FairseqIncrementalDecoder):

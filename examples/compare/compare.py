@@ -325,7 +325,7 @@ def generation(loaded: Dict[str, tuple], args) -> Dict[str, object]:
     ``loaded``: model name -> (model, task, facts) from load_checkpoint."""
     import torch
     from mdlm_plugin.diffusion.samplers import unigram_entropy
-    from mdlm_plugin.evaluation import ar_samples, data_blocks, generative_perplexity, mdlm_samples
+    from mdlm_plugin.generative_eval import ar_samples, data_blocks, generative_perplexity, mdlm_samples
     L, n = args.tokens_per_sample, args.samples
     scorers = [m for m in AR_MODELS if m in loaded]
     dictionary = loaded[scorers[0]][1].source_dictionary     # the AR dictionary (no <mask>)
@@ -615,7 +615,7 @@ def main(argv=None):
         res["zero_shot"] = z
     print("generative perplexity", flush=True)
     import torch
-    from mdlm_plugin.evaluation import load_checkpoint
+    from mdlm_plugin.generative_eval import load_checkpoint
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = {m: load_checkpoint(trained[m]["checkpoint"], args.data,

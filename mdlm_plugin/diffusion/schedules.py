@@ -15,9 +15,6 @@ import math
 
 import torch
 
-SCHEDULES = ("loglinear", "cosine", "linear", "geometric")
-
-
 class NoiseSchedule(abc.ABC):
     """Base class: subclasses define ``sigma`` and its time derivative ``dsigma``."""
 
@@ -112,18 +109,21 @@ class GeometricSchedule(NoiseSchedule):
         return self.sigma(t) * (math.log(self.sigma_max) - math.log(self.sigma_min))
 
 
+# the registry: --noise-schedule NAME -> the class and which of its parameters it takes
+SCHEDULES = {
+    "loglinear": (LogLinearSchedule, ("eps",)),
+    "cosine": (CosineSchedule, ("eps",)),
+    "linear": (LinearSchedule, ("sigma_min", "sigma_max")),
+    "geometric": (GeometricSchedule, ("sigma_min", "sigma_max")),
+}
+
+
 def build_schedule(name: str, eps: float = 1e-3, sigma_min: float = 1e-3,
                    sigma_max: float = 7.0) -> NoiseSchedule:
     """Build a schedule by name; an unknown name is one clear ValueError."""
-    if name == "loglinear":
-        return LogLinearSchedule(eps)
-    if name == "cosine":
-        return CosineSchedule(eps)
-    if name == "linear":
-        return LinearSchedule(sigma_min, sigma_max)
-    if name == "geometric":
-        return GeometricSchedule(sigma_min, sigma_max)
-    raise ValueError(
-        f"unknown noise schedule {name!r}: choose one of {', '.join(SCHEDULES)} "
-        f"(--noise-schedule)"
-    )
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown noise schedule {name!r}: choose one of "
+                         f"{', '.join(SCHEDULES)} (--noise-schedule)")
+    cls, params = SCHEDULES[name]
+    given = {"eps": eps, "sigma_min": sigma_min, "sigma_max": sigma_max}
+    return cls(**{k: given[k] for k in params})

@@ -24,7 +24,7 @@ attention a padded position is never a key of an earlier one, so no padding mask
 needed (the fast ``is_causal`` attention path is kept).
 """
 
-from dataclasses import field, fields, make_dataclass
+from dataclasses import dataclass, field, fields
 
 from fairseq.dataclass import FairseqDataclass
 from fairseq.models import (FairseqIncrementalDecoder, FairseqLanguageModel, register_model,
@@ -35,15 +35,24 @@ from .backbone import DiT, KVCache
 from .mdlm import (MDLMConfig, check_same_dictionary, dictionary_fingerprint, mdlm_base,
                    mdlm_medium, mdlm_small, mdlm_tiny)
 
-_BACKBONE_FLAGS = ("embed_dim", "layers", "attention_heads", "cond_dim", "dropout",
-                   "max_positions")
+_MDLM_FIELDS = {f.name: f for f in fields(MDLMConfig)}
 
-# MDLM's backbone flags, same defaults and help: one source for both models' sizes
-MDLMARConfig = make_dataclass(
-    "MDLMARConfig",
-    [(f.name, f.type, field(default=f.default, metadata=f.metadata))
-     for f in fields(MDLMConfig) if f.name in _BACKBONE_FLAGS],
-    bases=(FairseqDataclass,))
+
+def _as_in_mdlm(name: str):
+    """MDLM's flag ``name`` with its default and help: one source for both models' sizes."""
+    f = _MDLM_FIELDS[name]
+    return field(default=f.default, metadata=f.metadata)
+
+
+@dataclass
+class MDLMARConfig(FairseqDataclass):
+    """MDLM's backbone flags (``--time-conditioning`` excepted: the AR twin has no time)."""
+    embed_dim: int = _as_in_mdlm("embed_dim")
+    layers: int = _as_in_mdlm("layers")
+    attention_heads: int = _as_in_mdlm("attention_heads")
+    cond_dim: int = _as_in_mdlm("cond_dim")
+    dropout: float = _as_in_mdlm("dropout")
+    max_positions: int = _as_in_mdlm("max_positions")
 
 
 class MDLMARDecoder(FairseqIncrementalDecoder):

@@ -1,4 +1,4 @@
-"""Evaluation helpers shared by the comparison script (examples/compare) and the
+"""Generative evaluation, shared by the comparison script (examples/compare) and the
 sampling benchmark: load a checkpoint with fairseq's own loader, draw unconditional
 samples from an MDLM (through the task's generator) or from an autoregressive fairseq
 language model (ancestral sampling with incremental decoding), and score token
