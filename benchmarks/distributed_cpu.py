@@ -2,15 +2,16 @@
 (``python -m mdlm_plugin.launch_cpu``), same model, same global batch.
 
     python benchmarks/distributed_cpu.py [DATA_DIR=data-bin/ptb] [--updates 30] [--repeats 2]
+    python benchmarks/distributed_cpu.py --report-only
 
 Runs are interleaved (1 process, 1 process with 1 thread, N ranks, 1 process, ...).
 One process gets all usable cores as torch threads (and, as a reference, 1 thread)
 and ``--batch-size B``; each rank gets cores / N threads and ``--batch-size B / N``,
 so every update sees B sequences either way.
-tokens/s is fairseq's ``wps`` of the ``train_inner`` lines after the first interval
-(warm-up), median over intervals, then over runs. "other load" is the share of the
-machine's CPU time used by other processes during a run (``/proc/stat`` minus the
-run's own CPU time): runs with a high value are slowed by other jobs. Writes
+tokens/s is fairseq's ``wps`` of the ``train_inner`` JSON records after the first
+interval (warm-up), median over intervals, then over runs. "other load" is the share of
+the machine's CPU time used by other processes during a run (psutil's machine CPU time
+minus the run's own): runs with a high value are slowed by other jobs. Writes
 ``benchmarks/results/distributed_cpu.md`` (and ``.json``).
 """
 import argparse
@@ -22,8 +23,10 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import REPO, cpu_model, dist_version, git_revision  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]
+import measure  # noqa: E402
+from mdlm_plugin import recipes, reporting  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -38,117 +41,122 @@ def parse_args(argv=None):
     p.add_argument("--arch", default="mdlm_tiny")
     p.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results",
                                                      "distributed_cpu"))
+    p.add_argument("--report-only", action="store_true",
+                   help="only rewrite OUTPUT.md from OUTPUT.json")
     return p.parse_args(argv)
 
 
-def train_flags(args, batch, save_dir):
-    return [args.data, "--user-dir", os.path.join(REPO, "mdlm_plugin"),
-            "--task", "masked_diffusion", "--criterion", "mdlm", "--arch", args.arch,
-            "--tokens-per-sample", str(args.tokens_per_sample), "--sample-break-mode", "none",
-            "--batch-size", str(batch), "--optimizer", "adam", "--lr", "1e-3",
-            "--max-update", str(args.updates), "--seed", "1", "--no-save",
-            "--disable-validation", "--num-workers", "0", "--log-format", "json",
-            "--log-interval", str(args.log_interval), "--save-dir", save_dir]
+def train_command(args, batch, save_dir, exe, device):
+    protocol = recipes.data_flags(args.tokens_per_sample, batch) + [
+        "--optimizer", "adam", "--lr", "1e-3", "--max-update", args.updates, "--seed", "1",
+        "--no-save", "--disable-validation", "--num-workers", "0", "--log-format", "json",
+        "--log-interval", args.log_interval, "--save-dir", save_dir]
+    return recipes.train_command("mdlm", args.data, protocol, exe=exe, arch=args.arch,
+                                 device=device)
 
 
 def commands(args, cores):
+    """setup name -> (command, environment)."""
     if args.batch_size % args.nprocs:
         sys.exit(f"--batch-size {args.batch_size} is not divisible by --nprocs {args.nprocs}")
-    one = ([sys.executable, "-m", "fairseq_cli.train",
-            *train_flags(args, args.batch_size, "/tmp/mdlm_dist_bench/one"), "--cpu"],
-           {"OMP_NUM_THREADS": str(cores)})
+    one = train_command(args, args.batch_size, "/tmp/mdlm_dist_bench/one",
+                        [sys.executable, "-m", "fairseq_cli.train"], "cpu")
     per_rank = max(1, cores // args.nprocs)
-    many = ([sys.executable, "-m", "mdlm_plugin.launch_cpu", "--nprocs", str(args.nprocs),
-             "--threads-per-proc", str(per_rank), "--log-dir", "/tmp/mdlm_dist_bench/logs",
-             "--", *train_flags(args, args.batch_size // args.nprocs,
-                                "/tmp/mdlm_dist_bench/many")], {})
-    one_thread = (one[0], {"OMP_NUM_THREADS": "1"})
-    return {f"1 process, {cores} threads": one, "1 process, 1 thread": one_thread,
-            f"{args.nprocs} gloo ranks, {per_rank} thread(s) each": many}
+    launcher = [sys.executable, "-m", "mdlm_plugin.launch_cpu", "--nprocs", str(args.nprocs),
+                "--threads-per-proc", str(per_rank), "--log-dir", "/tmp/mdlm_dist_bench/logs",
+                "--"]
+    many = train_command(args, args.batch_size // args.nprocs, "/tmp/mdlm_dist_bench/many",
+                         launcher, None)
+    return {f"1 process, {cores} threads": (one, {"OMP_NUM_THREADS": str(cores)}),
+            "1 process, 1 thread": (one, {"OMP_NUM_THREADS": "1"}),
+            f"{args.nprocs} gloo ranks, {per_rank} thread(s) each": (many, {})}
 
 
-def machine_cpu():
-    with open("/proc/stat") as f:
-        v = [float(x) for x in f.readline().split()[1:]]
-    tick = os.sysconf("SC_CLK_TCK")
-    idle = v[3] + (v[4] if len(v) > 4 else 0.0)
-    return (sum(v) - idle) / tick, sum(v) / tick
+def command_lines(cmds):
+    """setup name -> its command as the report shows it (environment first)."""
+    return {name: "".join(f"{k}={v} " for k, v in env.items())
+            + " ".join(cmd).replace(sys.executable, "python") for name, (cmd, env) in cmds.items()}
 
 
 def run(cmd, extra_env):
     env = dict(os.environ, PYTHONWARNINGS="ignore", **extra_env)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    busy0, total0 = machine_cpu()
+    busy0, total0 = measure.machine_cpu_seconds()
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.time() - t0
-    busy1, total1 = machine_cpu()
+    busy1, total1 = measure.machine_cpu_seconds()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
     own = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    wps = [float(json.loads(l[l.index("{"):])["wps"])
-           for l in (proc.stdout + proc.stderr).splitlines() if "| train_inner |" in l]
-    bsz = {json.loads(l[l.index("{"):])["bsz"]
-           for l in (proc.stdout + proc.stderr).splitlines() if "| train_inner |" in l}
-    other = max(0.0, (busy1 - busy0) - own) / max(total1 - total0, 1e-9)
+    inner = recipes.json_records(proc.stdout + proc.stderr, "train_inner")
+    wps = [float(r["wps"]) for r in inner]
     return {"wps_intervals": wps, "wps": statistics.median(wps[1:]) if len(wps) > 1 else None,
-            "bsz": sorted(bsz), "wall_s": round(wall, 1), "cpu_s": round(own, 1),
-            "other_load": round(other, 3)}
+            "bsz": sorted({r["bsz"] for r in inner}), "wall_s": round(wall, 1),
+            "cpu_s": round(own, 1),
+            "other_load": round(measure.other_load(busy0, busy1, total0, total1, own), 3)}
+
+
+def report(res, argv) -> str:
+    args, m, results = argparse.Namespace(**res["args"]), res["machine"], res["runs"]
+    names, cores = list(results), m["usable_cores"]
+    threads = {names[0]: cores, names[1]: 1, names[2]: max(1, cores // args.nprocs)}
+    per_proc = {names[0]: args.batch_size, names[1]: args.batch_size,
+                names[2]: args.batch_size // args.nprocs}
+    rows = [[name, f"{threads[name]} per process", per_proc[name],
+             f"{res['median_wps'][name]:,.0f}",
+             ", ".join(format(r["wps"], ",.0f") for r in results[name]),
+             ", ".join(format(r["other_load"], ".0%") for r in results[name])] for name in names]
+    commands_run = res.get("commands") or command_lines(commands(args, cores))
+    return "\n".join([
+        "# Training tokens/s on CPU: 1 process vs gloo ranks", "",
+        f"`python benchmarks/distributed_cpu.py {' '.join(argv)}`"
+        f" on {m['cpu']}, {cores} usable cores, torch {m['torch']}, fairseq "
+        f"{m['fairseq']}, git {m['git']}, {m['date']}.", "",
+        f"`{args.arch}`, {args.updates} updates, global batch {args.batch_size} x "
+        f"{args.tokens_per_sample} tokens; tokens/s = fairseq's `wps`, median of the "
+        f"`train_inner` intervals of {args.log_interval} updates after the first.", "",
+        reporting.md_table(["setup", "torch threads", "batch per process",
+                            "tokens/s (median of runs)", "runs", "other load per run"], rows),
+        "", f"Ratio {names[2]} / {names[0]}: {res['ratio']:.2f}.", "", "Commands:", "", "```",
+        *commands_run.values(), "```", ""] + ([res["notes"], ""] if res.get("notes") else []))
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    cores = len(os.sched_getaffinity(0))
+    if args.report_only:
+        with open(args.output + ".json") as f:
+            res = json.load(f)
+        with open(args.output + ".md", "w") as f:
+            f.write(report(res, res.get("argv", [])))
+        return
+    cores = reporting.usable_cores()
     cmds = commands(args, cores)
     results = {name: [] for name in cmds}
     for rep in range(args.repeats):
         for name, (cmd, env) in cmds.items():
-            r = run(cmd, env)
-            results[name].append(r)
-            print(f"run {rep + 1} {name}: {r['wps']:.0f} tokens/s (intervals {r['wps_intervals']}), "
-                  f"other load {r['other_load']:.0%}", flush=True)
+            results[name].append(run(cmd, env))
+            r = results[name][-1]
+            print(f"run {rep + 1} {name}: {r['wps']:.0f} tokens/s (intervals "
+                  f"{r['wps_intervals']}), other load {r['other_load']:.0%}", flush=True)
     summary = {name: statistics.median(r["wps"] for r in runs) for name, runs in results.items()}
     names = list(cmds)
-    ratio = summary[names[2]] / summary[names[0]]
+    machine = {"cpu": reporting.cpu_model(), "usable_cores": cores,
+               "torch": reporting.dist_version("torch"),
+               "fairseq": reporting.dist_version("fairseq-fixed", "fairseq"),
+               "git": reporting.git_revision(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    res = {"args": vars(args), "argv": argv, "machine": machine, "runs": results,
+           "median_wps": summary, "ratio": summary[names[2]] / summary[names[0]]}
+    res["commands"] = command_lines(cmds)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    machine = {"cpu": cpu_model(), "usable_cores": cores, "torch": dist_version("torch"),
-               "fairseq": dist_version("fairseq-fixed", "fairseq"), "git": git_revision(),
-               "date": time.strftime("%Y-%m-%d %H:%M")}
     with open(args.output + ".json", "w") as f:
-        json.dump({"args": vars(args), "machine": machine, "runs": results,
-                   "median_wps": summary, "ratio": ratio}, f, indent=1)
-    lines = [
-        "# Training tokens/s on CPU: 1 process vs gloo ranks",
-        "",
-        f"`python benchmarks/distributed_cpu.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
-        f" on {machine['cpu']}, {cores} usable cores, torch {machine['torch']}, fairseq "
-        f"{machine['fairseq']}, git {machine['git']}, {machine['date']}.",
-        "",
-        f"`{args.arch}`, {args.updates} updates, global batch {args.batch_size} x "
-        f"{args.tokens_per_sample} tokens; tokens/s = fairseq's `wps`, median of the "
-        f"`train_inner` intervals of {args.log_interval} updates after the first.",
-        "",
-        "| setup | torch threads | batch per process | tokens/s (median of runs) | runs | other load per run |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    threads = {names[0]: cores, names[1]: 1, names[2]: max(1, cores // args.nprocs)}
-    per_proc = {names[0]: args.batch_size, names[1]: args.batch_size,
-                names[2]: args.batch_size // args.nprocs}
-    for name in names:
-        runs = results[name]
-        each = ", ".join(format(r["wps"], ",.0f") for r in runs)
-        load = ", ".join(format(r["other_load"], ".0%") for r in runs)
-        lines.append(f"| {name} | {threads[name]} per process | {per_proc[name]} | "
-                     f"{summary[name]:,.0f} | {each} | {load} |")
-    lines += ["", f"Ratio {names[2]} / {names[0]}: {ratio:.2f}.", "", "Commands:", "", "```"]
-    for name, (cmd, env) in cmds.items():
-        pre = " ".join(f"{k}={v}" for k, v in env.items())
-        lines.append((pre + " " if pre else "") + " ".join(cmd).replace(sys.executable, "python"))
-    lines += ["```", ""]
+        json.dump(res, f, indent=1)
+    text = report(res, argv)
     with open(args.output + ".md", "w") as f:
-        f.write("\n".join(lines))
-    print("\n".join(lines))
+        f.write(text)
+    print(text)
 
 
 if __name__ == "__main__":

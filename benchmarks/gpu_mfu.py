@@ -48,9 +48,33 @@ import subprocess
 import sys
 import time
 
+
+def _fairseq_train_bf16(argv):
+    """fairseq-train with --bf16 on CPU/GPU: fairseq's argument post-processing makes
+    --bf16 imply --tpu; undo only that (the trainer's bf16 path is device-agnostic)."""
+    from fairseq_cli import train   # first: it sets up fairseq's log format
+    from fairseq import options
+    original = options.parse_args_and_arch
+
+    def parse_args_and_arch(*a, **kw):
+        ns = original(*a, **kw)
+        if getattr(ns, "bf16", False) and "--tpu" not in argv:
+            ns.tpu = False
+        return ns
+
+    options.parse_args_and_arch = parse_args_and_arch
+    sys.argv = ["fairseq-train", *argv]
+    train.cli_main()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--fairseq-train-bf16"]:
+    sys.exit(_fairseq_train_bf16(sys.argv[2:]))     # before anything else imports fairseq
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from machine import REPO, cpu_model, dist_version, git_revision  # noqa: E402
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+from mdlm_plugin import recipes, reporting  # noqa: E402
+from mdlm_plugin.reporting import COLOURS  # noqa: E402
 
 # peak dense bf16 tensor-core FLOP/s (NVIDIA data sheets, without sparsity)
 PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200", 989.4e12),
@@ -132,58 +156,26 @@ def random_corpus(args) -> str:
 
 # ---------------------------------------------------------------------------- runs
 
-def common_flags(args, data, device):
-    flags = [data, "--user-dir", os.path.join(REPO, "mdlm_plugin"),
-             "--tokens-per-sample", str(args.seq_len), "--sample-break-mode", "none",
-             "--batch-size", str(args.batch_size), "--optimizer", "adamw_torch",
-             "--adam-betas", "(0.9, 0.98)", "--weight-decay", "0.01", "--clip-norm", "1.0",
-             "--lr", "3e-4", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "10",
-             "--max-update", str(args.warmup_updates + args.updates), "--seed", "1",
-             "--no-save", "--disable-validation", "--num-workers", str(args.num_workers),
-             "--log-format", "json", "--log-interval", str(args.log_interval),
-             "--save-dir", os.path.join(args.workdir, "unused")]
-    flags += {"bf16": ["--bf16"], "fp16": ["--fp16"], "amp": ["--amp"]}[args.precision]
-    if device == "cpu":
-        flags.append("--cpu")
-    return flags
-
-
-def model_flags(model, args):
-    if model == "mdlm":
-        return ["--task", "masked_diffusion", "--criterion", "mdlm", "--arch", "mdlm_small",
-                "--embed-dim", str(args.dim), "--layers", str(args.layers),
-                "--attention-heads", str(args.heads), "--max-positions", str(args.seq_len),
-                "--dropout", "0.1"]
-    return ["--task", "language_modeling", "--criterion", "cross_entropy",
-            "--arch", "transformer_lm", "--decoder-layers", str(args.layers),
-            "--decoder-embed-dim", str(args.dim), "--decoder-input-dim", str(args.dim),
-            "--decoder-output-dim", str(args.dim), "--decoder-ffn-embed-dim", str(args.ffn),
-            "--decoder-attention-heads", str(args.heads), "--activation-fn", "gelu",
-            "--dropout", "0.1", "--attention-dropout", "0.0"]
-
-
 def train_command(model, args, data, device):
+    """The recipe's command for ``model`` at --layers x --dim (transformer_lm sized to
+    match, with GELU like MDLM), adamw_torch from the plugin, the chosen precision."""
     entry = ([sys.executable, os.path.abspath(__file__), "--fairseq-train-bf16"]
              if args.precision == "bf16" else [sys.executable, "-m", "fairseq_cli.train"])
-    return entry + common_flags(args, data, device) + model_flags(model, args)
-
-
-def _fairseq_train_bf16(argv):
-    """fairseq-train with --bf16 on CPU/GPU: fairseq's argument post-processing makes
-    --bf16 imply --tpu; undo only that (the trainer's bf16 path is device-agnostic)."""
-    from fairseq_cli import train   # first: it sets up fairseq's log format
-    from fairseq import options
-    original = options.parse_args_and_arch
-
-    def parse_args_and_arch(*a, **kw):
-        ns = original(*a, **kw)
-        if getattr(ns, "bf16", False) and "--tpu" not in argv:
-            ns.tpu = False
-        return ns
-
-    options.parse_args_and_arch = parse_args_and_arch
-    sys.argv = ["fairseq-train", *argv]
-    train.cli_main()
+    protocol = recipes.data_flags(args.seq_len, args.batch_size) + [
+        "--optimizer", "adamw_torch", "--adam-betas", "(0.9, 0.98)", "--weight-decay", "0.01",
+        "--clip-norm", "1.0", "--lr", "3e-4", "--lr-scheduler", "inverse_sqrt",
+        "--warmup-updates", "10", "--max-update", args.warmup_updates + args.updates,
+        "--seed", "1", "--no-save", "--disable-validation", "--num-workers", args.num_workers,
+        "--log-format", "json", "--log-interval", args.log_interval,
+        "--save-dir", os.path.join(args.workdir, "unused"), "--" + args.precision]
+    if model == "mdlm":
+        size = recipes.Size(args.layers, args.dim, args.heads, max_positions=args.seq_len)
+        return recipes.train_command("mdlm", data, protocol, exe=entry, size=size,
+                                     arch="mdlm_small", dropout="0.1", device=device)
+    size = recipes.Size(args.layers, args.dim, args.heads, ffn=args.ffn)
+    return recipes.train_command(
+        "transformer_lm", data, protocol, exe=entry, size=size, dropout="0.1", user_dir=True,
+        device=device, overrides=["--activation-fn", "gelu", "--attention-dropout", "0.0"])
 
 
 def run_once(model, rep, args, data, device, log_dir):
@@ -210,23 +202,21 @@ def _text(x):
 
 
 def parse_run(model, text, args, wall, cmd):
-    inner = [json.loads(m.group(1)) for m in re.finditer(r"train_inner\W[^{\n]*(\{.*\})", text)]
+    inner = [recipes.numbers(r) for r in recipes.json_records(text, "train_inner")]
     measured = [r for r in inner if int(r["num_updates"]) > args.warmup_updates]
     if not measured:
-        sys.exit(f"{model}: no train_inner lines after the warm-up updates")
-    wps = [float(r["wps"]) for r in measured]
-    m = re.search(r"num\. shared model params: ([\d,]+)", text)
-    d = re.search(r"dictionary: (\d+) types", text)
-    gb_free = [float(r["gb_free"]) for r in inner if "gb_free" in r]
-    mask = [float(r["mask_frac"]) for r in measured if "mask_frac" in r]
+        sys.exit(f"{model}: no train_inner records after the warm-up updates")
+    wps = [r["wps"] for r in measured]
+    d = re.search(r"dictionary: (\d+) types", text)     # the task's start-up line
+    gb_free = [r["gb_free"] for r in inner if "gb_free" in r]
+    mask = [r["mask_frac"] for r in measured if "mask_frac" in r]
     return {
         "model": model, "command": cmd, "wall_s": round(wall, 1),
         "wps_intervals": wps, "tokens_per_s": statistics.median(wps),
-        "params": int(m.group(1).replace(",", "")) if m else None,
-        "dictionary": int(d.group(1)) if d else None,
+        "params": recipes.logged_params(text), "dictionary": int(d.group(1)) if d else None,
         "mask_frac": statistics.mean(mask) if mask else None,
         "min_gb_free": min(gb_free) if gb_free else None,
-        "losses": [float(r["loss"]) for r in inner],
+        "losses": [r["loss"] for r in inner],
     }
 
 
@@ -285,62 +275,60 @@ def summarize(runs, args, peak):
 
 
 def markdown(header, summary, args, runs):
+    pct = reporting.pct
+    rows = [[model, f"{s['params'] or 0:,}", f"{s['tokens_per_s']:,.0f}",
+             ", ".join(f"{x:,.0f}" for x in s["runs"]), f"{s['achieved_tflops']:.1f}",
+             pct(s["mfu"], 1), pct(s["executed_mfu"], 1)] for model, s in summary.items()]
     lines = ["# GPU training speed and MFU: MDLM vs transformer_lm", "",
-             f"Command: `{header['command']}`", "",
-             f"Machine: {header['machine']}", "",
+             f"Command: `{header['command']}`", "", f"Machine: {header['machine']}", "",
              f"Setup: {args.layers} layers x {args.dim}, {args.heads} heads, length "
              f"{args.seq_len}, batch {args.batch_size} x {args.seq_len} tokens, precision "
              f"{args.precision}, optimizer adamw_torch, {args.warmup_updates} warm-up + "
              f"{args.updates} measured updates, data: {header['data']}.", "",
-             "| model | params | tokens/s (median) | runs | TFLOP/s | MFU | executed MFU |",
-             "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
-    for model, s in summary.items():
-        pct = lambda x: f"{100 * x:.1f}%" if x is not None else "n/a"  # noqa: E731
-        lines.append(f"| {model} | {s['params'] or 0:,} | {s['tokens_per_s']:,.0f} | "
-                     f"{', '.join(f'{x:,.0f}' for x in s['runs'])} | "
-                     f"{s['achieved_tflops']:.1f} | {pct(s['mfu'])} | {pct(s['executed_mfu'])} |")
-    if "mdlm" in summary and "transformer_lm" in summary:
+             reporting.md_table(["model", "params", "tokens/s (median)", "runs", "TFLOP/s",
+                                 "MFU", "executed MFU"], rows, align="lrrlrrr")]
+    if header["ratio"] is not None:
         lines += ["", f"Ratio MDLM / transformer_lm tokens/s: {header['ratio']:.2f}."]
     lines += ["", f"Peak: {header['peak_source']}. FLOPs per token = 6 N + 12 n_layers "
               f"seq_len d_model, N = n_layers (4 d^2 + 2 d d_ffn) + d V_out; executed MFU "
               f"counts MDLM's output layer at the masked fraction "
               f"({summary.get('mdlm', {}).get('mask_frac') or 0:.3f}).", "", "Runs:", ""]
-    for r in runs:
-        lines.append(f"- `{' '.join(shlex.quote(c) for c in r['command'])}`: "
-                     f"{r['tokens_per_s']:,.0f} tokens/s, {r['wall_s']} s wall")
+    lines += [f"- `{shlex.join(r['command'])}`: {r['tokens_per_s']:,.0f} tokens/s, "
+              f"{r['wall_s']} s wall" for r in runs]
     return "\n".join(lines) + "\n"
 
 
 def plot(summary, path, title):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
     names = list(summary)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    axes[0].bar(names, [summary[n]["tokens_per_s"] for n in names], color=["C0", "C1"])
+    colours = [COLOURS[n] for n in names]
+    fig, axes = reporting.pyplot().subplots(1, 2, figsize=(9, 3.6))
+    axes[0].bar(names, [summary[n]["tokens_per_s"] for n in names], color=colours)
     for i, n in enumerate(names):
         axes[0].scatter([i] * len(summary[n]["runs"]), summary[n]["runs"], color="k", s=12)
     axes[0].set_ylabel("training tokens/s")
     if all(summary[n]["mfu"] is not None for n in names):
-        axes[1].bar(names, [100 * summary[n]["mfu"] for n in names], color=["C0", "C1"])
+        axes[1].bar(names, [100 * summary[n]["mfu"] for n in names], color=colours)
         axes[1].axhline(40, color="gray", ls="--", lw=1)
         axes[1].set_ylabel("MFU (%)")
     else:
-        axes[1].bar(names, [summary[n]["achieved_tflops"] for n in names], color=["C0", "C1"])
+        axes[1].bar(names, [summary[n]["achieved_tflops"] for n in names], color=colours)
         axes[1].set_ylabel("achieved TFLOP/s (no peak known)")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    reporting.save_figure(fig, path, title)
+
+
+def run_all(args, data, device, log_dir):
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    runs = []
+    for rep in range(1, args.repeats + 1):
+        for model in models:
+            runs.append(run_once(model, rep, args, data, device, log_dir))
+            print(f"{model} run {rep}: {runs[-1]['tokens_per_s']:,.0f} tokens/s "
+                  f"({runs[-1]['wall_s']} s)", flush=True)
+    return runs
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--fairseq-train-bf16"]:
-        return _fairseq_train_bf16(argv[1:])
     args = parse_args(argv)
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -348,36 +336,27 @@ def main(argv=None):
         sys.exit("no CUDA device: run on a GPU, or use --smoke for a CPU check")
     gpu = gpu_info()
     peak, peak_source = peak_flops(args, gpu)
-    os.makedirs(args.workdir, exist_ok=True)
     log_dir = os.path.join(args.output_dir, "logs")
+    os.makedirs(args.workdir, exist_ok=True)
     os.makedirs(log_dir, exist_ok=True)
     data = args.data or random_corpus(args)
-    machine = (f"{gpu['name']} ({gpu['memory_gb']} GiB, CUDA {gpu['cuda']})" if gpu
-               else f"CPU only: {cpu_model()}, {len(os.sched_getaffinity(0))} cores") + \
-        f"; torch {dist_version('torch')}, fairseq {dist_version('fairseq-fixed', 'fairseq')}, " \
-        f"git {git_revision()}, {time.strftime('%Y-%m-%d %H:%M')}"
+    m = reporting.machine(device, gpu=gpu and f"{gpu['name']} ({gpu['memory_gb']} GiB, "
+                                          f"CUDA {gpu['cuda']})")
+    machine = f"{reporting.machine_line(m)}, {time.strftime('%Y-%m-%d %H:%M')}"
     print(f"machine: {machine}\npeak: {peak_source}\ndata: {data}", flush=True)
-
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    runs = []
     t0 = time.time()
-    for rep in range(1, args.repeats + 1):
-        for model in models:
-            r = run_once(model, rep, args, data, device, log_dir)
-            runs.append(r)
-            print(f"{model} run {rep}: {r['tokens_per_s']:,.0f} tokens/s "
-                  f"({r['wall_s']} s)", flush=True)
+    runs = run_all(args, data, device, log_dir)
     summary = summarize(runs, args, peak)
     for r in runs:      # memory: fairseq logs gb_free = total - peak allocated
         if r["min_gb_free"] is not None and gpu:
             summary[r["model"]]["peak_gb"] = round(gpu["memory_gb"] - r["min_gb_free"], 1)
-    ratio = (summary["mdlm"]["tokens_per_s"] / summary["transformer_lm"]["tokens_per_s"]
-             if {"mdlm", "transformer_lm"} <= set(summary) else None)
-    header = {"command": "python benchmarks/gpu_mfu.py " + " ".join(map(shlex.quote, argv)),
+    header = {"command": "python benchmarks/gpu_mfu.py " + shlex.join(argv),
               "machine": machine, "gpu": gpu, "peak_flops": peak, "peak_source": peak_source,
               "data": data if args.data else f"random corpus, vocabulary {args.vocab}, "
                                                 f"{args.corpus_tokens:,} tokens",
-              "ratio": ratio, "total_s": round(time.time() - t0, 1)}
+              "ratio": reporting.ratio(summary.get("mdlm", {}).get("tokens_per_s"),
+                                       summary.get("transformer_lm", {}).get("tokens_per_s")),
+              "total_s": round(time.time() - t0, 1)}
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump({"header": header, "args": vars(args), "summary": summary, "runs": runs},
                   f, indent=1)

@@ -4,41 +4,34 @@
 Everything runs in one process, one model and one configuration at a time, with the
 same seed and the same number and length of unconditional samples:
 
-1. ``ddpm_cache`` vs ``ddpm`` on one MDLM checkpoint at T = 1000 and T = L (L = the
-   window, 128): wall time, CPU time, row evaluations (rows run through the network,
-   summed over calls), and whether the two samplers produced identical tokens (they
-   should: same random stream, and the cache only skips rows whose output could not
-   have changed). Measured twice: all samples in one batch, and one sample at a
-   time. ``ddpm_cache`` runs a row again only after a step changed that row, so the
-   expected number of evaluations per sample depends only on the noise schedule, T
-   and L (not on the batch), and is printed next to the measurement.
-2. MDLM (``ddpm`` and ``ddpm_cache``) at several step counts vs fairseq's own
-   ``SequenceGenerator`` with ``sampling=True`` (incremental decoding, what
-   ``fairseq-generate --sampling --beam 1`` builds through ``task.build_generator``),
-   unconditional from the start token, ``min_len = max_len = L`` so every sample has
-   exactly L tokens, on fairseq's ``transformer_lm`` (4 x 256, 4 heads, FFN 1024) and
-   on ``mdlm_ar_tiny`` (MDLM's backbone, causal). Seconds per sample, CPU seconds per
-   sample and the mean unigram entropy of each model's samples.
+1. ``cache_vs_ddpm``: ``ddpm_cache`` vs ``ddpm`` on one MDLM checkpoint at T = 1000 and
+   T = L (the window, 128): wall time, CPU time, row evaluations (rows run through the
+   network, summed over calls), and whether the two samplers produced identical tokens
+   (they should: same random stream, and the cache only skips rows whose output could
+   not have changed); all samples in one batch, and one sample at a time. The expected
+   number of evaluations per sample depends only on the schedule, T and L
+   (``expected_calls``) and is printed next to the measurement.
+2. ``speed_vs_ar``: MDLM (``ddpm`` and ``ddpm_cache``) at several step counts vs fairseq's
+   own ``SequenceGenerator`` with ``sampling=True`` (incremental decoding, what
+   ``fairseq-generate --sampling --beam 1`` builds), unconditional from the start token,
+   exactly L tokens, on fairseq's ``transformer_lm`` (4 x 256) and on ``mdlm_ar_tiny``.
+   Seconds and CPU seconds per sample, and the mean unigram entropy of the samples.
 
-Models are loaded with ``checkpoint_utils.load_model_ensemble_and_task`` and
-generators built with ``task.build_generator`` and a fairseq ``GenerationConfig``.
-Checkpoints are flags; a missing one is trained with ``fairseq-train`` first (a few
-hundred updates: speed does not depend on training, entropy does).
+Checkpoints are flags; a missing one is trained with ``fairseq-train`` first (command
+lines from ``mdlm_plugin.recipes``; a few hundred updates: speed does not depend on
+training, entropy does).
 
     python benchmarks/sampling_speed.py [DATA_DIR] [--samples 4] [--threads N]
+    python benchmarks/sampling_speed.py --report-only [--output-dir DIR]
 
 Outputs (``--output-dir``, default benchmarks/results/sampling/): results.json,
 results.md and sampling_speed.png.
 """
-from __future__ import annotations
-
 import argparse
-import datetime
 import json
 import logging
 import math
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -47,22 +40,16 @@ from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import cpu_model, dist_version, git_revision  # noqa: E402
+sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]
+import measure  # noqa: E402
+from mdlm_plugin import recipes, reporting  # noqa: E402
 from mdlm_plugin.generative_eval import batches  # noqa: E402
-PLUGIN = os.path.join(REPO, "mdlm_plugin")
+from mdlm_plugin.reporting import COLOURS, md_table, pct, text_table  # noqa: E402
+
 DEFAULT_TRAIN_DIR = "/tmp/mdlm_sampling_speed"
 SAMPLERS = ("ddpm", "ddpm_cache")
 AR_MODELS = ("transformer_lm", "mdlm_ar_tiny")
-
-
-# --------------------------------------------------------------------------- setup
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+FAMILY = {"mdlm_tiny": "mdlm", "mdlm_ar_tiny": "mdlm_ar", "transformer_lm": "transformer_lm"}
 
 
 def parse_args(argv=None):
@@ -93,19 +80,21 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=0,
                    help="samples per generate call (0: all --samples in one batch)")
     p.add_argument("--steps", type=int, nargs="+", default=[16, 32, 64, 128, 256, 1000],
-                   help="MDLM step counts of part 2 (ddpm and ddpm_cache at each)")
+                   help="MDLM step counts of the comparison with AR (ddpm and ddpm_cache)")
     p.add_argument("--cache-steps", type=int, nargs="+", default=[1000, 0],
                    help="step counts of the ddpm_cache vs ddpm comparison (0 means T = L)")
     p.add_argument("--single-samples", type=int, default=2,
-                   help="part 1 also samples this many one at a time (batch 1), where "
-                        "ddpm_cache skips the most calls (0: skip)")
-    p.add_argument("--threads", type=int, default=usable_cores(),
+                   help="the cache comparison also samples this many one at a time (batch "
+                        "1), where ddpm_cache skips the most calls (0: skip)")
+    p.add_argument("--threads", type=int, default=reporting.usable_cores(),
                    help="torch.set_num_threads for sampling (default: the usable cores)")
-    p.add_argument("--train-threads", type=int, default=usable_cores(),
+    p.add_argument("--train-threads", type=int, default=reporting.usable_cores(),
                    help="OMP_NUM_THREADS of fairseq-train for missing checkpoints")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--output-dir", default="benchmarks/results/sampling",
                    help="results.json, results.md, sampling_speed.png (relative to the repo)")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rewrite results.md and the plot from --output-dir/results.json")
     args = p.parse_args(argv)
     if args.batch_size <= 0:
         args.batch_size = args.samples
@@ -122,95 +111,20 @@ def resolve(path: str) -> str:
     return path if os.path.isabs(path) else os.path.join(REPO, path)
 
 
-# --------------------------------------------------------------------------- machine
-
-def machine_info(threads: int) -> Dict[str, object]:
-    import torch
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "cpu_cores_usable": usable_cores(),
-        "torch_threads": threads,
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "device": "cpu",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "fairseq": dist_version("fairseq-fixed", "fairseq"),
-        "mdlm_plugin": dist_version("mdlm_plugin", "mdlm-plugin"),
-        "git": git_revision(),
-    }
-
-
-class Meter:
-    """Wall time, this process's CPU time (all threads), the 1-minute load average
-    before and after, and the share of all cores' time used by *other* processes
-    (``/proc/stat`` busy time minus this process's CPU time)."""
-
-    TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-    @staticmethod
-    def _busy_s() -> Optional[float]:
-        try:
-            with open("/proc/stat") as f:
-                v = [int(x) for x in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        idle = v[3] + (v[4] if len(v) > 4 else 0)
-        return (sum(v[:8]) - idle) / Meter.TICK      # guest time is already in user
-
-    def __enter__(self):
-        self.load_before = os.getloadavg()[0]
-        self.busy0 = self._busy_s()
-        self.cpu0 = time.process_time()
-        self.wall0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall_s = time.perf_counter() - self.wall0
-        self.cpu_s = time.process_time() - self.cpu0
-        busy1 = self._busy_s()
-        self.load_after = os.getloadavg()[0]
-        self.other_load = None
-        if self.busy0 is not None and busy1 is not None and self.wall_s > 0:
-            other = max(0.0, (busy1 - self.busy0) - self.cpu_s)
-            self.other_load = min(1.0, other / (self.wall_s * (os.cpu_count() or 1)))
-        return False
-
-    def as_dict(self) -> Dict[str, object]:
-        return {"wall_s": self.wall_s, "cpu_s": self.cpu_s,
-                "load_before": round(self.load_before, 2),
-                "load_after": round(self.load_after, 2), "other_load": self.other_load}
-
-
 # --------------------------------------------------------------------------- checkpoints
 
 def train_command(model: str, args, data_dir: str, save_dir: str) -> List[str]:
-    beside = os.path.join(os.path.dirname(sys.executable), "fairseq-train")
-    exe = beside if os.access(beside, os.X_OK) else "fairseq-train"
-    common = ["--tokens-per-sample", str(args.length), "--sample-break-mode", "none",
-              "--batch-size", "32", "--optimizer", "adam", "--adam-betas", "(0.9,0.98)",
-              "--clip-norm", "1.0", "--lr", "1e-3", "--lr-scheduler", "inverse_sqrt",
-              "--warmup-updates", str(max(1, min(100, args.train_updates // 4))),
-              "--max-update", str(args.train_updates), "--disable-validation",
-              "--no-epoch-checkpoints", "--save-interval-updates", str(args.train_updates),
-              "--log-format", "simple", "--log-interval", "25", "--seed", str(args.seed),
-              "--cpu", "--num-workers", "0", "--save-dir", save_dir]
-    if model == "mdlm_tiny":
-        spec = ["--user-dir", PLUGIN, "--task", "masked_diffusion", "--criterion", "mdlm",
-                "--arch", "mdlm_tiny", "--weight-decay", "0.01"]
-    elif model == "mdlm_ar_tiny":
-        spec = ["--user-dir", PLUGIN, "--task", "language_modeling",
-                "--criterion", "cross_entropy", "--arch", "mdlm_ar_tiny"]
-    else:   # transformer_lm would default its input/output dims to 512 (see train_throughput.py)
-        spec = ["--task", "language_modeling", "--criterion", "cross_entropy",
-                "--arch", "transformer_lm", "--decoder-layers", "4",
-                "--decoder-embed-dim", "256", "--decoder-input-dim", "256",
-                "--decoder-output-dim", "256", "--decoder-ffn-embed-dim", "1024",
-                "--decoder-attention-heads", "4", "--dropout", "0.1"]
-    return [exe, data_dir] + spec + common
+    protocol = recipes.data_flags(args.length, 32) + [
+        *recipes.adam_inverse_sqrt("1e-3", max(1, min(100, args.train_updates // 4)),
+                                   weight_decay=None),
+        "--max-update", args.train_updates, "--disable-validation", "--no-epoch-checkpoints",
+        "--save-interval-updates", args.train_updates, "--log-format", "simple",
+        "--log-interval", 25, "--seed", args.seed, "--cpu", "--num-workers", 0,
+        "--save-dir", save_dir]
+    model_args = {"mdlm_tiny": {"model_extra": ["--weight-decay", "0.01"]},
+                  "transformer_lm": {"size": recipes.ARCH_SIZES["tiny"], "dropout": 0.1}}
+    return recipes.train_command(FAMILY[model], data_dir, protocol, device=None,
+                                 **model_args.get(model, {}))
 
 
 def ensure_checkpoint(model: str, path: str, args, data_dir: str) -> Dict[str, object]:
@@ -231,21 +145,36 @@ def ensure_checkpoint(model: str, path: str, args, data_dir: str) -> Dict[str, o
           f"(log {log}):\n    $ {shlex.join(cmd)}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.train_threads),
                MKL_NUM_THREADS=str(args.train_threads))
-    start = time.perf_counter()
     with open(log, "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
     if rc != 0 or not os.path.isfile(trained):
         with open(log) as f:
             tail = "".join(f.readlines()[-15:])
         sys.exit(f"error: training {model} failed (exit {rc}); last lines of {log}:\n{tail}")
-    print(f"    trained in {time.perf_counter() - start:.0f} s", flush=True)
     return {"path": trained, "trained_here": True, "train_command": shlex.join(cmd)}
 
 
-def load(path: str, data_dir: str, overrides: Optional[Dict] = None):
-    """(model, task, checkpoint facts) with fairseq's own loader."""
+def load_models(ckpts: Dict, data_dir: str, L: int):
+    """(models, tasks) with fairseq's loader; transformer_lm gets one more position than
+    it was trained on, for the </s> SequenceGenerator forces after L tokens."""
     from mdlm_plugin.generative_eval import load_checkpoint
-    return load_checkpoint(path, data_dir, overrides)
+    models, tasks = {}, {}
+    for name, c in ckpts.items():
+        over = {"max_target_positions": L + 1} if name == "transformer_lm" else None
+        model, task, facts = load_checkpoint(c["path"], data_dir, over)
+        if (name == "mdlm_tiny") != callable(getattr(model, "denoiser", None)):
+            sys.exit(f"error: the {name} checkpoint {c['path']} is not a {name} model")
+        if name == "mdlm_tiny" and facts["tokens_per_sample"] != L:
+            print(f"note: the MDLM was trained with --tokens-per-sample "
+                  f"{facts['tokens_per_sample']}; sampling {L} tokens in a window of {L}")
+            task.args.tokens_per_sample = L
+        model.prepare_for_inference_(SimpleNamespace(generation=SimpleNamespace(
+            beam=1, print_alignment=False, no_beamable_mm=False)))
+        c.update(facts)
+        models[name], tasks[name] = model, task
+        print(f"{name:<22}: {c['path']} ({facts['arch']}, {facts['params']:,} params, "
+              f"{facts['num_updates']} updates)")
+    return models, tasks
 
 
 # --------------------------------------------------------------------------- sampling
@@ -254,7 +183,7 @@ def mdlm_generate(task, model, sampler: str, steps: int, n: int, batch: int, len
                   seed: int):
     """n unconditional samples of ``length`` tokens through task.build_generator."""
     from mdlm_plugin.generative_eval import mdlm_samples
-    with Meter() as m:
+    with measure.Meter() as m:
         tokens, st = mdlm_samples(task, model, n, length, steps, sampler, seed, batch)
     assert tokens.shape == (n, length), tokens.shape
     return tokens, {**m.as_dict(), "network_calls": st["network_calls"],
@@ -271,9 +200,7 @@ def ar_generate(task, model, n: int, batch: int, length: int, seed: int):
     cfg = GenerationConfig(sampling=True, beam=1, nbest=1, sampling_topk=-1, sampling_topp=-1.0,
                            temperature=1.0, min_len=length, max_len_a=0, max_len_b=length)
     generator = task.build_generator([model], cfg)
-    eos = task.source_dictionary.eos()
-    decoder = model.decoder
-    calls = [0]
+    eos, decoder, calls = task.source_dictionary.eos(), model.decoder, [0]
     original = decoder.forward
 
     def counted(*a, **k):            # EnsembleModel calls decoder.forward directly (no hooks)
@@ -284,14 +211,13 @@ def ar_generate(task, model, n: int, batch: int, length: int, seed: int):
     torch.manual_seed(seed)          # SequenceGenerator's sampling draws from the global RNG
     rows, steps_per_batch = [], []
     try:
-        with Meter() as m:
+        with measure.Meter() as m:
             for b in batches(n, batch):
                 before = calls[0]
                 sample = {"id": torch.arange(b), "nsentences": b, "ntokens": b,
                           "net_input": {"src_tokens": torch.full((b, 1), eos, dtype=torch.long),
                                         "src_lengths": torch.ones(b, dtype=torch.long)}}
-                hypos = task.inference_step(generator, [model], sample)
-                rows += [h[0]["tokens"] for h in hypos]
+                rows += [h[0]["tokens"] for h in task.inference_step(generator, [model], sample)]
                 steps_per_batch.append(calls[0] - before)
     finally:
         del decoder.forward
@@ -299,9 +225,8 @@ def ar_generate(task, model, n: int, batch: int, length: int, seed: int):
         if r.numel() != length + 1 or int(r[-1]) != eos or bool((r[:length] == eos).any()):
             raise RuntimeError(f"fairseq's SequenceGenerator returned {r.numel()} tokens, "
                                f"expected {length} + </s>")
-    tokens = torch.stack([r[:length] for r in rows])
-    return tokens, {**m.as_dict(), "network_calls": calls[0],
-                    "decoder_calls_per_batch": steps_per_batch}
+    return torch.stack([r[:length] for r in rows]), {
+        **m.as_dict(), "network_calls": calls[0], "decoder_calls_per_batch": steps_per_batch}
 
 
 def entropies(tokens, ignore=()) -> List[float]:
@@ -316,16 +241,20 @@ def mean_se(xs: List[float]):
     return mu, se
 
 
+def entropy_stats(tokens, eos: int) -> Dict[str, object]:
+    mu, se = mean_se(entropies(tokens))
+    return {"entropy": mu, "entropy_se": se,
+            "entropy_no_eos": mean_se(entropies(tokens, (eos,)))[0]}
+
+
 def data_entropy(data_dir: str, split: str, length: int, eos: int) -> Dict[str, object]:
     """Reference: mean unigram entropy of the split's consecutive blocks of ``length``
     tokens (the text the models were trained to imitate, </s> included as in training)."""
-    import torch
-    from fairseq.data import data_utils
-    ds = data_utils.load_indexed_dataset(os.path.join(data_dir, split), None)
-    if ds is None:
+    from mdlm_plugin.generative_eval import data_blocks
+    try:
+        blocks = data_blocks(data_dir, split, length)
+    except FileNotFoundError:
         return {}
-    flat = torch.cat([ds[i].long() for i in range(len(ds))])
-    blocks = flat[: flat.numel() // length * length].view(-1, length)
     mu, se = mean_se(entropies(blocks))
     mu_ne, se_ne = mean_se(entropies(blocks, (eos,)))
     return {"split": split, "blocks": blocks.size(0), "entropy": mu, "entropy_se": se,
@@ -359,6 +288,77 @@ def expected_calls(schedule, steps: int, positions: int, sampler: str,
     return float(1.0 + both.clamp(min=0.0).sum())
 
 
+# --------------------------------------------------------------------------- measurements
+
+def cache_row(res: Dict, steps: int, batch: int, count: int, schedule, L: int) -> Dict:
+    """One row of the cache comparison from the two samplers' (tokens, stats)."""
+    import torch
+    (td, sd), (tc, sc) = res["ddpm"], res["ddpm_cache"]
+    row = {"steps": steps, "batch": batch, "samples": count, "identical": bool(torch.equal(td, tc)),
+           "ddpm": sd, "ddpm_cache": sc,
+           # ddpm_cache runs a row only after that row changed: per row, the expected
+           # evaluations are those of one sequence of L positions
+           "expected_calls_ddpm": count * expected_calls(schedule, steps, L, "ddpm"),
+           "expected_calls_cache": count * expected_calls(schedule, steps, L, "ddpm_cache"),
+           "speedup_wall": sd["wall_s"] / sc["wall_s"], "speedup_cpu": sd["cpu_s"] / sc["cpu_s"],
+           "calls_ratio": sd["row_calls"] / max(1, sc["row_calls"])}
+    # ddpm's wall time per row evaluation times ddpm_cache's evaluations is what they
+    # cost; the rest is spent in the work they skipped
+    per_call = sd["wall_s"] / max(1, sd["row_calls"])
+    row["skipped_steps_share"] = max(0.0, 1.0 - sc["row_calls"] * per_call / sc["wall_s"])
+    return row
+
+
+def cache_vs_ddpm(mdlm, mtask, args):
+    """``ddpm_cache`` vs ``ddpm`` at each --cache-steps, batched and one at a time; the
+    batched runs are reused by :func:`speed_vs_ar`."""
+    L, n, B = args.length, args.samples, args.batch_size
+    rows, runs = [], {}
+    modes = [(n, B)] + ([(args.single_samples, 1)] if args.single_samples > 0 and B > 1 else [])
+    for steps in args.cache_steps:
+        for count, batch in modes:
+            res = {s: mdlm_generate(mtask, mdlm, s, steps, count, batch, L, args.seed)
+                   for s in SAMPLERS}
+            rows.append(cache_row(res, steps, batch, count, mtask.schedule, L))
+            r = rows[-1]
+            print(f"    T={steps:<5} batch {batch:<3} x{count:<3} speed-up "
+                  f"{r['speedup_wall']:.2f}x wall, {r['speedup_cpu']:.2f}x CPU, "
+                  f"{r['calls_ratio']:.2f}x fewer row evaluations; identical tokens: "
+                  f"{r['identical']}", flush=True)
+            if batch == B and count == n:
+                runs[steps] = res
+    return rows, runs
+
+
+def speed_vs_ar(models, tasks, runs, args) -> List[Dict]:
+    """Each AR model's samples, then MDLM with both samplers at each --steps."""
+    L, n, B = args.length, args.samples, args.batch_size
+    mdlm, mtask = models["mdlm_tiny"], tasks["mdlm_tiny"]
+    eos, string = mtask.source_dictionary.eos(), mtask.source_dictionary.string
+    rows = []
+    for name in AR_MODELS:
+        tok, stats = ar_generate(tasks[name], models[name], n, B, L, args.seed)
+        rows.append({"model": name, "sampler": "fairseq sampling (incremental)", "steps": L,
+                     **stats, **entropy_stats(tok, eos), "example": string(tok[0][:40])})
+    for steps in args.steps:
+        for sampler in SAMPLERS:
+            tok, stats = runs[steps][sampler] if steps in runs else \
+                mdlm_generate(mtask, mdlm, sampler, steps, n, B, L, args.seed)
+            ent = entropy_stats(tok, eos)
+            if abs(ent["entropy"] - stats["mean_unigram_entropy"]) > 1e-9:
+                raise RuntimeError("entropy disagrees with the generator's statistics")
+            rows.append({"model": "mdlm_tiny", "sampler": sampler, "steps": steps, **stats,
+                         **ent, "example": string(tok[0][:40])})
+    base = rows[0]                      # transformer_lm
+    for r in rows:
+        r["s_per_sample"], r["cpu_s_per_sample"] = r["wall_s"] / n, r["cpu_s"] / n
+        r["x_transformer_lm_wall"] = r["wall_s"] / base["wall_s"]
+        r["x_transformer_lm_cpu"] = r["cpu_s"] / base["cpu_s"]
+        print(f"    {r['model']:<15} {r['sampler'][:10]:<10} T={r['steps']:<5} "
+              f"{r['s_per_sample']:.3f} s/sample  entropy {r['entropy']:.3f}", flush=True)
+    return rows
+
+
 def crossover(points, target: float) -> Optional[float]:
     """The step count where MDLM's seconds per sample equals ``target``: log-log
     interpolation between the measured (steps, seconds) ``points``; None outside them."""
@@ -367,6 +367,27 @@ def crossover(points, target: float) -> Optional[float]:
             f = (math.log(target) - math.log(y0)) / (math.log(y1) - math.log(y0))
             return math.exp(math.log(t0) + f * (math.log(t1) - math.log(t0)))
     return None
+
+
+def crossovers(speed: List[Dict]) -> List[Dict]:
+    ar_rows = {r["model"]: r for r in speed if r["model"] in AR_MODELS}
+    out = []
+    for sampler in SAMPLERS:
+        pts = sorted((r["steps"], r) for r in speed
+                     if r["model"] == "mdlm_tiny" and r["sampler"] == sampler)
+        for ar in AR_MODELS:
+            for clock, key in (("wall", "s_per_sample"), ("CPU", "cpu_s_per_sample")):
+                target = ar_rows[ar][key]
+                xy = [(t, r[key]) for t, r in pts]
+                where = ("MDLM faster at every T" if all(y < target for _, y in xy) else
+                         "MDLM slower at every T" if all(y > target for _, y in xy) else "")
+                if where:    # the cost per step of the nearest T, proportional in T
+                    t_end, y_end = xy[0] if where.endswith("slower at every T") else xy[-1]
+                    where += (f"; at the {t_end}-step cost per step it would cross at "
+                              f"T ~ {target / (y_end / t_end):.1f}")
+                out.append({"sampler": sampler, "ar": ar, "clock": clock,
+                            "steps": crossover(xy, target), "where": where})
+    return out
 
 
 def crossover_lines(res) -> List[str]:
@@ -381,335 +402,8 @@ def crossover_lines(res) -> List[str]:
     return out
 
 
-# --------------------------------------------------------------------------- report
-
-def fmt(x, spec=".3f") -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
-def pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.0f}%"
-
-
-def cache_table_rows(part1) -> List[List[str]]:
-    rows = []
-    for r in part1:
-        d, c = r["ddpm"], r["ddpm_cache"]
-        rows.append([str(r["steps"]), str(r["batch"]), str(r["samples"]),
-                     f"{d['row_calls']} / {c['row_calls']}",
-                     f"{r['expected_calls_ddpm']:.0f} / {r['expected_calls_cache']:.0f}",
-                     f"{d['wall_s']:.2f} / {c['wall_s']:.2f}",
-                     f"{d['cpu_s']:.2f} / {c['cpu_s']:.2f}",
-                     f"{r['speedup_wall']:.2f}x", f"{r['speedup_cpu']:.2f}x",
-                     f"{r['calls_ratio']:.2f}x", pct(r["skipped_steps_share"]),
-                     "yes" if r["identical"] else "NO",
-                     f"{pct(d['other_load'])} / {pct(c['other_load'])}"])
-    return rows
-
-
-CACHE_HEAD = ["T", "batch", "samples", "row evaluations ddpm / cache", "expected",
-              "wall s ddpm / cache", "CPU s ddpm / cache", "speed-up wall", "speed-up CPU",
-              "evaluations ratio", "cache time in skipped work (est.)", "identical tokens",
-              "other load"]
-SPEED_HEAD = ["model", "sampler", "steps", "network calls", "s/sample (wall)",
-              "CPU s/sample", "x transformer_lm (wall)", "x transformer_lm (CPU)",
-              "entropy (nats)", "entropy w/o </s>", "other load"]
-
-
-def speed_table_rows(part2) -> List[List[str]]:
-    rows = []
-    for r in part2:
-        rows.append([r["model"], r["sampler"], str(r["steps"]), str(r["network_calls"]),
-                     f"{r['s_per_sample']:.3f}", f"{r['cpu_s_per_sample']:.3f}",
-                     f"{r['x_transformer_lm_wall']:.2f}", f"{r['x_transformer_lm_cpu']:.2f}",
-                     f"{r['entropy']:.3f} ± {fmt(r['entropy_se'], '.3f')}",
-                     f"{r['entropy_no_eos']:.3f}", pct(r["other_load"])])
-    return rows
-
-
-def text_table(head, rows) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def md_table(head, rows) -> str:
-    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out)
-
-
-def markdown_report(res) -> str:
-    h, s = res["header"], res["settings"]
-    lines = ["# Sampling speed: MDLM `ddpm_cache` vs `ddpm`, and MDLM vs fairseq autoregressive "
-             "sampling", "", "```", h["command"], "```", "", "| | |", "|---|---|"]
-    for k, v in h["machine"].items():
-        lines.append(f"| {k} | {v} |")
-    lines.append(f"| load average at end | {h['load_average_at_end']} |")
-    lines.append(f"| total wall time | {h['total_wall_s']:.0f} s |")
-    lines.append(f"| setup | {h['setup']} |")
-    lines += ["", "## Checkpoints", "", "| model | path | arch | params | updates | "
-              "valid loss when saved (bits) |", "|---|---|---|---:|---:|---:|"]
-    for name, c in res["checkpoints"].items():
-        lines.append(f"| {name} | `{c['path']}` | {c['arch']} | {c['params']:,} | "
-                     f"{c['num_updates']} | {fmt(c['valid_loss_bits'])} |")
-    lines += ["", "## 1. `ddpm_cache` vs `ddpm` (same checkpoint, seed and samples)", "",
-              "speed-up = ddpm / ddpm_cache; expected calls: the schedule-only formula "
-              "(`expected_calls`); other load: share of all cores used by other processes "
-              "during the run.", "", md_table(CACHE_HEAD, cache_table_rows(res["part1"])), "",
-              "Expected row evaluations per sample, any batch size "
-              f"(L = {s['length']}):", "",
-              md_table(["T"] + [f"{b}" for b in res["expected_calls_by_batch"]["batches"]],
-                       [[str(t)] + [f"{v:.0f}" for v in vals] for t, vals in
-                        res["expected_calls_by_batch"]["rows"].items()]), "",
-              f"## 2. MDLM vs autoregressive sampling ({s['samples']} samples of "
-              f"{s['length']} tokens, batch {s['batch_size']})", "",
-              "x transformer_lm = seconds per sample / transformer_lm's seconds per sample "
-              "(> 1: slower than fairseq's AR sampling). Entropy: mean over samples of the "
-              "unigram entropy of each sample (± standard error).", "",
-              md_table(SPEED_HEAD, speed_table_rows(res["part2"])), ""]
-    d = res.get("data_entropy") or {}
-    if d:
-        lines += [f"Reference: PTB `{d['split']}` split in {d['blocks']} blocks of "
-                  f"{s['length']} tokens: unigram entropy {d['entropy']:.3f} nats "
-                  f"({d['entropy_no_eos']:.3f} without `</s>`).", ""]
-    lines += [f"- {x}" for x in crossover_lines(res)] + [""]
-    lines += ["![sampling speed](sampling_speed.png)", "", "## Notes", ""]
-    lines += [f"- {n}" for n in res["notes"]]
-    lines.append("")
-    return "\n".join(lines)
-
-
-def plot(res, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter
-    part2 = res["part2"]
-    colors = {"ddpm": "#d95f02", "ddpm_cache": "#7570b3", "transformer_lm": "#1b9e77",
-              "mdlm_ar_tiny": "#e7298a"}
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11.5, 4.4))
-    for sampler in SAMPLERS:
-        pts = [r for r in part2 if r["model"] == "mdlm_tiny" and r["sampler"] == sampler]
-        xs = [r["steps"] for r in pts]
-        ax1.plot(xs, [r["s_per_sample"] for r in pts], "o-", color=colors[sampler],
-                 label=f"MDLM {sampler} (wall)")
-        ax1.plot(xs, [r["cpu_s_per_sample"] for r in pts], "x:", color=colors[sampler],
-                 label=f"MDLM {sampler} (CPU)")
-        ax2.errorbar(xs, [r["entropy"] for r in pts], yerr=[r["entropy_se"] or 0 for r in pts],
-                     fmt="o-" if sampler == "ddpm" else "s--", color=colors[sampler],
-                     label=f"MDLM {sampler}", capsize=3, alpha=0.8)
-    for name in AR_MODELS:
-        r = next(r for r in part2 if r["model"] == name)
-        ax1.axhline(r["s_per_sample"], color=colors[name], ls="-",
-                    label=f"{name} (AR, wall) {r['s_per_sample']:.3f} s")
-        ax1.axhline(r["cpu_s_per_sample"], color=colors[name], ls=":",
-                    label=f"{name} (AR, CPU)")
-        ax2.axhline(r["entropy"], color=colors[name], label=f"{name} (AR)")
-    d = res.get("data_entropy") or {}
-    if d:
-        ax2.axhline(d["entropy"], color="black", ls="--", label=f"PTB {d['split']} data")
-    ax1.set_xscale("log")
-    ax1.set_yscale("log")
-    ax1.set_xlabel("MDLM diffusion steps T")
-    ax1.set_ylabel("seconds per sample")
-    ax1.set_title(f"{res['settings']['samples']} samples x {res['settings']['length']} tokens, "
-                  f"batch {res['settings']['batch_size']}", fontsize=10)
-    ax1.legend(fontsize=7)
-    ax2.set_xscale("log")
-    ax2.set_xlabel("MDLM diffusion steps T")
-    ax2.set_ylabel("mean unigram entropy per sample (nats)")
-    ax2.set_title("sample diversity", fontsize=10)
-    ax2.legend(fontsize=7)
-    for ax in (ax1, ax2):
-        ax.xaxis.set_major_locator(FixedLocator(res["settings"]["steps"]))
-        ax.xaxis.set_major_formatter(FixedFormatter([str(t) for t in res["settings"]["steps"]]))
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.grid(alpha=0.3, which="both")
-    m = res["header"]["machine"]
-    fig.suptitle(f"{m['cpu']}, {m['torch_threads']} thread(s), torch {m['torch']}, "
-                 f"load {m['load_average_at_start'][0]}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-# --------------------------------------------------------------------------- main
-
-def main(argv=None):
-    args = parse_args(argv)
-    data_dir = resolve(args.data)
-    if not os.path.isfile(os.path.join(data_dir, "dict.txt")):
-        sys.exit(f"error: {data_dir} has no dict.txt (make it with bash examples/ptb/prepare.sh)")
-    out_dir = resolve(args.output_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    command = shlex.join([sys.executable] + sys.argv) if argv is None else \
-        shlex.join([sys.executable, __file__] + list(argv))
-    t_start = time.perf_counter()
-
-    ckpts = {
-        "mdlm_tiny": ensure_checkpoint("mdlm_tiny", resolve(args.mdlm_ckpt), args, data_dir),
-        "transformer_lm": ensure_checkpoint("transformer_lm", resolve(args.transformer_lm_ckpt),
-                                            args, data_dir),
-        "mdlm_ar_tiny": ensure_checkpoint("mdlm_ar_tiny", resolve(args.ar_ckpt), args, data_dir),
-    }
-
-    import torch
-    from fairseq import utils
-    logging.getLogger("fairseq").setLevel(logging.WARNING)
-    logging.getLogger("mdlm_plugin").setLevel(logging.WARNING)
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    utils.import_user_module(argparse.Namespace(user_dir=PLUGIN))
-    torch.set_num_threads(args.threads)
-    machine = machine_info(args.threads)
-    L, n, B = args.length, args.samples, args.batch_size
-    setup = (f"{n} unconditional samples x {L} tokens per configuration, batch {B}, seed "
-             f"{args.seed}, temperature 1, no top-k/top-p, {args.threads} torch thread(s); "
-             f"part 1 also {args.single_samples} sample(s) one at a time")
-    header = {"command": command, "machine": machine, "data": data_dir, "setup": setup}
-
-    print("=" * 78)
-    print("Sampling speed: MDLM ddpm_cache vs ddpm; MDLM vs fairseq autoregressive sampling")
-    print("=" * 78)
-    print(f"{'command':<22}: {command}")
-    for k, v in machine.items():
-        print(f"{k:<22}: {v}")
-    print(f"{'setup':<22}: {setup}")
-
-    # models (fairseq's loader; transformer_lm: one more position than it was trained on,
-    # for the </s> SequenceGenerator forces after L tokens, as --model-overrides would)
-    models, tasks = {}, {}
-    for name, c in ckpts.items():
-        over = {"max_target_positions": L + 1} if name == "transformer_lm" else None
-        model, task, facts = load(c["path"], data_dir, over)
-        if name == "mdlm_tiny" and not callable(getattr(model, "denoiser", None)):
-            sys.exit(f"error: --mdlm-ckpt {c['path']} is not an MDLM checkpoint")
-        if name != "mdlm_tiny" and callable(getattr(model, "denoiser", None)):
-            sys.exit(f"error: the {name} checkpoint {c['path']} is an MDLM, not an AR LM")
-        if name == "mdlm_tiny" and facts["tokens_per_sample"] != L:
-            print(f"note: the MDLM was trained with --tokens-per-sample "
-                  f"{facts['tokens_per_sample']}; sampling {L} tokens in a window of {L}")
-            task.args.tokens_per_sample = L
-        model.prepare_for_inference_(SimpleNamespace(generation=SimpleNamespace(
-            beam=1, print_alignment=False, no_beamable_mm=False)))
-        c.update(facts)
-        models[name], tasks[name] = model, task
-        print(f"{name:<22}: {c['path']} ({facts['arch']}, {facts['params']:,} params, "
-              f"{facts['num_updates']} updates)")
-    print(f"{'load average':<22}: {os.getloadavg()[0]:.2f} (after loading)", flush=True)
-
-    mdlm, mtask = models["mdlm_tiny"], tasks["mdlm_tiny"]
-    eos = mtask.source_dictionary.eos()
-    # warm-up: one short run of each sampler and each AR model (first-call allocations)
-    for sampler in SAMPLERS:
-        mdlm_generate(mtask, mdlm, sampler, 4, min(2, B), B, L, args.seed)
-    for name in AR_MODELS:
-        ar_generate(tasks[name], models[name], min(2, B), B, L, args.seed)
-
-    # ---------------------------------------------------------------- part 1
-    print("\n[1] ddpm_cache vs ddpm", flush=True)
-    part1, runs = [], {}
-    modes = [(n, B)] + ([(args.single_samples, 1)] if args.single_samples > 0 and B > 1 else [])
-    for steps in args.cache_steps:
-        for count, batch in modes:
-            res = {}
-            for sampler in SAMPLERS:
-                tok, stats = mdlm_generate(mtask, mdlm, sampler, steps, count, batch, L, args.seed)
-                res[sampler] = (tok, stats)
-                print(f"    T={steps:<5} batch {batch:<3} x{count:<3} {sampler:<11} "
-                      f"{stats['row_calls']:>6} row evals  {stats['wall_s']:8.2f} s wall  "
-                      f"{stats['cpu_s']:8.2f} s CPU  other load {pct(stats['other_load'])}",
-                      flush=True)
-            (td, sd), (tc, sc) = res["ddpm"], res["ddpm_cache"]
-            identical = bool(torch.equal(td, tc))
-            row = {"steps": steps, "batch": batch, "samples": count, "identical": identical,
-                   "ddpm": sd, "ddpm_cache": sc,
-                   # ddpm_cache runs a row only after that row changed: per row, the
-                   # expected evaluations are those of one sequence of L positions
-                   "expected_calls_ddpm": count * expected_calls(
-                       mtask.schedule, steps, L, "ddpm"),
-                   "expected_calls_cache": count * expected_calls(
-                       mtask.schedule, steps, L, "ddpm_cache"),
-                   "speedup_wall": sd["wall_s"] / sc["wall_s"],
-                   "speedup_cpu": sd["cpu_s"] / sc["cpu_s"],
-                   "calls_ratio": sd["row_calls"] / max(1, sc["row_calls"])}
-            # ddpm's wall time per row evaluation (with its step) times ddpm_cache's
-            # evaluations is what they cost; the rest is spent in the work they skipped
-            per_call = sd["wall_s"] / max(1, sd["row_calls"])
-            row["skipped_steps_share"] = max(0.0, 1.0 - sc["row_calls"] * per_call
-                                             / sc["wall_s"])
-            print(f"    -> speed-up {row['speedup_wall']:.2f}x wall, {row['speedup_cpu']:.2f}x "
-                  f"CPU, {row['calls_ratio']:.2f}x fewer row evaluations; identical tokens: {identical}",
-                  flush=True)
-            part1.append(row)
-            if batch == B and count == n:
-                runs[steps] = res
-
-    # ---------------------------------------------------------------- part 2
-    print("\n[2] MDLM vs autoregressive sampling", flush=True)
-    part2 = []
-    ar_rows = {}
-    for name in AR_MODELS:
-        tok, stats = ar_generate(tasks[name], models[name], n, B, L, args.seed)
-        ents = entropies(tok)
-        mu, se = mean_se(ents)
-        ar_rows[name] = {"model": name, "sampler": "fairseq sampling (incremental)",
-                         "steps": L, **stats, "entropy": mu, "entropy_se": se,
-                         "entropy_no_eos": mean_se(entropies(tok, (eos,)))[0],
-                         "example": mtask.source_dictionary.string(tok[0][:40])}
-        print(f"    {name:<15} {stats['network_calls']:>5} decoder calls  "
-              f"{stats['wall_s'] / n:.3f} s/sample wall  {stats['cpu_s'] / n:.3f} CPU s/sample  "
-              f"entropy {mu:.3f}  other load {pct(stats['other_load'])}", flush=True)
-    for steps in args.steps:
-        for sampler in SAMPLERS:
-            if steps in runs:
-                tok, stats = runs[steps][sampler]
-            else:
-                tok, stats = mdlm_generate(mtask, mdlm, sampler, steps, n, B, L, args.seed)
-            ents = entropies(tok)
-            mu, se = mean_se(ents)
-            if abs(mu - stats["mean_unigram_entropy"]) > 1e-9:
-                raise RuntimeError("entropy disagrees with the generator's statistics")
-            part2.append({"model": "mdlm_tiny", "sampler": sampler, "steps": steps, **stats,
-                          "entropy": mu, "entropy_se": se,
-                          "entropy_no_eos": mean_se(entropies(tok, (eos,)))[0],
-                          "example": mtask.source_dictionary.string(tok[0][:40])})
-            print(f"    mdlm {sampler:<10} T={steps:<5} {stats['network_calls']:>5} calls  "
-                  f"{stats['wall_s'] / n:.3f} s/sample wall  {stats['cpu_s'] / n:.3f} CPU "
-                  f"s/sample  entropy {mu:.3f}  other load {pct(stats['other_load'])}",
-                  flush=True)
-    part2 = [ar_rows[a] for a in AR_MODELS] + part2
-    base = ar_rows["transformer_lm"]
-    for r in part2:
-        r["s_per_sample"] = r["wall_s"] / n
-        r["cpu_s_per_sample"] = r["cpu_s"] / n
-        r["x_transformer_lm_wall"] = r["wall_s"] / base["wall_s"]
-        r["x_transformer_lm_cpu"] = r["cpu_s"] / base["cpu_s"]
-
-    cross = []
-    for sampler in SAMPLERS:
-        pts = sorted((r["steps"], r) for r in part2
-                     if r["model"] == "mdlm_tiny" and r["sampler"] == sampler)
-        for ar in AR_MODELS:
-            for clock, key in (("wall", "s_per_sample"), ("CPU", "cpu_s_per_sample")):
-                target = ar_rows[ar][key]
-                xy = [(t, r[key]) for t, r in pts]
-                where = ("MDLM faster at every T" if all(y < target for _, y in xy) else
-                         "MDLM slower at every T" if all(y > target for _, y in xy) else "")
-                if where:    # the cost per step of the nearest T, proportional in T
-                    t_end, y_end = xy[0] if where.endswith("slower at every T") else xy[-1]
-                    where += (f"; at the {t_end}-step cost per step it would cross at "
-                              f"T ~ {target / (y_end / t_end):.1f}")
-                cross.append({"sampler": sampler, "ar": ar, "clock": clock,
-                              "steps": crossover(xy, target), "where": where})
-
-    # schedule-only expectation of ddpm_cache calls by batch size
-    by_batch = ["ddpm", "ddpm_cache"]     # expected row evaluations per sample
-    exp_rows = {t: [expected_calls(mtask.schedule, t, L, name) for name in by_batch]
-                for t in sorted(set(args.cache_steps) | set(args.steps))}
-    d_ent = data_entropy(data_dir, "test", L, eos)
-
-    notes = [
+def notes(L: int) -> List[str]:
+    return [
         "ddpm and ddpm_cache consume the same random stream (two (B, L) uniform tensors per "
         "step), so with the same seed they must give the same tokens: 'identical tokens'.",
         "ddpm_cache runs the network only on the rows that changed since their last "
@@ -740,51 +434,213 @@ def main(argv=None):
         "Entropy depends on training: the checkpoints' update counts are in the first table.",
     ]
 
-    h = header
+
+# --------------------------------------------------------------------------- report
+
+CACHE_HEAD = ["T", "batch", "samples", "row evaluations ddpm / cache", "expected",
+              "wall s ddpm / cache", "CPU s ddpm / cache", "speed-up wall", "speed-up CPU",
+              "evaluations ratio", "cache time in skipped work (est.)", "identical tokens",
+              "other load"]
+SPEED_HEAD = ["model", "sampler", "steps", "network calls", "s/sample (wall)",
+              "CPU s/sample", "x transformer_lm (wall)", "x transformer_lm (CPU)",
+              "entropy (nats)", "entropy w/o </s>", "other load"]
+
+
+def cache_table_rows(rows) -> List[List[str]]:
+    out = []
+    for r in rows:
+        d, c = r["ddpm"], r["ddpm_cache"]
+        out.append([str(r["steps"]), str(r["batch"]), str(r["samples"]),
+                    f"{d['row_calls']} / {c['row_calls']}",
+                    f"{r['expected_calls_ddpm']:.0f} / {r['expected_calls_cache']:.0f}",
+                    f"{d['wall_s']:.2f} / {c['wall_s']:.2f}", f"{d['cpu_s']:.2f} / {c['cpu_s']:.2f}",
+                    f"{r['speedup_wall']:.2f}x", f"{r['speedup_cpu']:.2f}x",
+                    f"{r['calls_ratio']:.2f}x", pct(r["skipped_steps_share"]),
+                    "yes" if r["identical"] else "NO",
+                    f"{pct(d['other_load'])} / {pct(c['other_load'])}"])
+    return out
+
+
+def speed_table_rows(rows) -> List[List[str]]:
+    return [[r["model"], r["sampler"], str(r["steps"]), str(r["network_calls"]),
+             f"{r['s_per_sample']:.3f}", f"{r['cpu_s_per_sample']:.3f}",
+             f"{r['x_transformer_lm_wall']:.2f}", f"{r['x_transformer_lm_cpu']:.2f}",
+             f"{r['entropy']:.3f} ± {reporting.fmt(r['entropy_se'], '.3f')}",
+             f"{r['entropy_no_eos']:.3f}", pct(r["other_load"])] for r in rows]
+
+
+def expected_table(res) -> str:
+    e = res["expected_calls_by_batch"]
+    return md_table(["T"] + list(e["batches"]),
+                    [[str(t)] + [f"{v:.0f}" for v in vals] for t, vals in e["rows"].items()])
+
+
+def header_lines(res) -> List[str]:
+    h = res["header"]
+    lines = ["# Sampling speed: MDLM `ddpm_cache` vs `ddpm`, and MDLM vs fairseq autoregressive "
+             "sampling", "", "```", h["command"], "```", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in h["machine"].items()]
+    lines += [f"| load average at end | {h['load_average_at_end']} |",
+              f"| total wall time | {h['total_wall_s']:.0f} s |", f"| setup | {h['setup']} |",
+              "", "## Checkpoints", "", "| model | path | arch | params | updates | "
+              "valid loss when saved (bits) |", "|---|---|---|---:|---:|---:|"]
+    return lines + [f"| {name} | `{c['path']}` | {c['arch']} | {c['params']:,} | "
+                    f"{c['num_updates']} | {reporting.fmt(c['valid_loss_bits'], '.3f')} |"
+                    for name, c in res["checkpoints"].items()]
+
+
+def markdown_report(res) -> str:
+    s = res["settings"]
+    lines = header_lines(res) + [
+        "", "## 1. `ddpm_cache` vs `ddpm` (same checkpoint, seed and samples)", "",
+        "speed-up = ddpm / ddpm_cache; expected calls: the schedule-only formula "
+        "(`expected_calls`); other load: share of all cores used by other processes "
+        "during the run.", "", md_table(CACHE_HEAD, cache_table_rows(res["cache_vs_ddpm"])),
+        "", f"Expected row evaluations per sample, any batch size (L = {s['length']}):", "",
+        expected_table(res), "",
+        f"## 2. MDLM vs autoregressive sampling ({s['samples']} samples of "
+        f"{s['length']} tokens, batch {s['batch_size']})", "",
+        "x transformer_lm = seconds per sample / transformer_lm's seconds per sample "
+        "(> 1: slower than fairseq's AR sampling). Entropy: mean over samples of the "
+        "unigram entropy of each sample (± standard error).", "",
+        md_table(SPEED_HEAD, speed_table_rows(res["speed_vs_ar"])), ""]
+    d = res.get("data_entropy") or {}
+    if d:
+        lines += [f"Reference: PTB `{d['split']}` split in {d['blocks']} blocks of "
+                  f"{s['length']} tokens: unigram entropy {d['entropy']:.3f} nats "
+                  f"({d['entropy_no_eos']:.3f} without `</s>`).", ""]
+    lines += [f"- {x}" for x in crossover_lines(res)] + [""]
+    lines += ["![sampling speed](sampling_speed.png)", "", "## Notes", ""]
+    return "\n".join(lines + [f"- {n}" for n in res["notes"]] + [""])
+
+
+def plot(res, path: str) -> None:
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter
+    speed, s = res["speed_vs_ar"], res["settings"]
+    fig, (ax1, ax2) = reporting.pyplot().subplots(1, 2, figsize=(11.5, 4.4))
+    for sampler in SAMPLERS:
+        pts = [r for r in speed if r["model"] == "mdlm_tiny" and r["sampler"] == sampler]
+        xs, colour = [r["steps"] for r in pts], COLOURS[sampler]
+        ax1.plot(xs, [r["s_per_sample"] for r in pts], "o-", color=colour,
+                 label=f"MDLM {sampler} (wall)")
+        ax1.plot(xs, [r["cpu_s_per_sample"] for r in pts], "x:", color=colour,
+                 label=f"MDLM {sampler} (CPU)")
+        ax2.errorbar(xs, [r["entropy"] for r in pts], yerr=[r["entropy_se"] or 0 for r in pts],
+                     fmt="o-" if sampler == "ddpm" else "s--", color=colour,
+                     label=f"MDLM {sampler}", capsize=3, alpha=0.8)
+    for name in AR_MODELS:
+        r = next(r for r in speed if r["model"] == name)
+        ax1.axhline(r["s_per_sample"], color=COLOURS[name], ls="-",
+                    label=f"{name} (AR, wall) {r['s_per_sample']:.3f} s")
+        ax1.axhline(r["cpu_s_per_sample"], color=COLOURS[name], ls=":", label=f"{name} (AR, CPU)")
+        ax2.axhline(r["entropy"], color=COLOURS[name], label=f"{name} (AR)")
+    d = res.get("data_entropy") or {}
+    if d:
+        ax2.axhline(d["entropy"], color="black", ls="--", label=f"PTB {d['split']} data")
+    ax1.set(xscale="log", yscale="log", xlabel="MDLM diffusion steps T",
+            ylabel="seconds per sample")
+    ax1.set_title(f"{s['samples']} samples x {s['length']} tokens, batch {s['batch_size']}",
+                  fontsize=10)
+    ax2.set(xscale="log", xlabel="MDLM diffusion steps T",
+            ylabel="mean unigram entropy per sample (nats)")
+    ax2.set_title("sample diversity", fontsize=10)
+    for ax in (ax1, ax2):
+        ax.legend(fontsize=7)
+        ax.xaxis.set_major_locator(FixedLocator(s["steps"]))
+        ax.xaxis.set_major_formatter(FixedFormatter([str(t) for t in s["steps"]]))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.grid(alpha=0.3, which="both")
+    m = res["header"]["machine"]
+    reporting.save_figure(fig, path, f"{m['cpu']}, {m['torch_threads']} thread(s), torch "
+                          f"{m['torch']}, load {m['load_average_at_start'][0]}")
+
+
+def write_outputs(res, out_dir: str) -> None:
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(markdown_report(res))
+    plot(res, os.path.join(out_dir, "sampling_speed.png"))
+
+
+# --------------------------------------------------------------------------- main
+
+def header(args, data_dir: str, argv) -> Dict[str, object]:
+    m = reporting.machine("cpu", args.threads)
+    keys = ("date", "host", "platform", "cpu", "cpu_cores", "cpu_cores_usable", "torch_threads",
+            "load_average", "device", "python", "torch", "fairseq", "mdlm_plugin", "git")
+    machine = {("load_average_at_start" if k == "load_average" else k): m[k] for k in keys}
+    command = shlex.join([sys.executable] + sys.argv) if argv is None else \
+        shlex.join([sys.executable, __file__] + list(argv))
+    setup = (f"{args.samples} unconditional samples x {args.length} tokens per configuration, "
+             f"batch {args.batch_size}, seed {args.seed}, temperature 1, no top-k/top-p, "
+             f"{args.threads} torch thread(s); the cache comparison also "
+             f"{args.single_samples} sample(s) one at a time")
+    return {"command": command, "machine": machine, "data": data_dir, "setup": setup}
+
+
+def measure_all(args, data_dir: str) -> Dict[str, object]:
+    import torch
+    from fairseq import utils
+    ckpts = {name: ensure_checkpoint(name, resolve(path), args, data_dir) for name, path in (
+        ("mdlm_tiny", args.mdlm_ckpt), ("transformer_lm", args.transformer_lm_ckpt),
+        ("mdlm_ar_tiny", args.ar_ckpt))}
+    for name in ("fairseq", "mdlm_plugin", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    utils.import_user_module(argparse.Namespace(user_dir=recipes.PLUGIN))
+    torch.set_num_threads(args.threads)
+    models, tasks = load_models(ckpts, data_dir, args.length)
+    mdlm, mtask = models["mdlm_tiny"], tasks["mdlm_tiny"]
+    # warm-up: one short run of each sampler and each AR model (first-call allocations)
+    for sampler in SAMPLERS:
+        mdlm_generate(mtask, mdlm, sampler, 4, min(2, args.batch_size), args.batch_size,
+                      args.length, args.seed)
+    for name in AR_MODELS:
+        ar_generate(tasks[name], models[name], min(2, args.batch_size), args.batch_size,
+                    args.length, args.seed)
+    print("\n[1] ddpm_cache vs ddpm", flush=True)
+    cache, runs = cache_vs_ddpm(mdlm, mtask, args)
+    print("\n[2] MDLM vs autoregressive sampling", flush=True)
+    speed = speed_vs_ar(models, tasks, runs, args)
+    by_batch = list(SAMPLERS)     # expected row evaluations per sample
+    exp_rows = {t: [expected_calls(mtask.schedule, t, args.length, name) for name in by_batch]
+                for t in sorted(set(args.cache_steps) | set(args.steps))}
+    return {"checkpoints": ckpts, "cache_vs_ddpm": cache, "speed_vs_ar": speed,
+            "expected_calls_by_batch": {"batches": by_batch, "rows": exp_rows},
+            "data_entropy": data_entropy(data_dir, "test", args.length,
+                                         mtask.source_dictionary.eos()),
+            "crossover": crossovers(speed), "notes": notes(args.length)}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out_dir = resolve(args.output_dir)
+    if args.report_only:
+        with open(os.path.join(out_dir, "results.json")) as f:
+            return write_outputs(json.load(f), out_dir)
+    data_dir = resolve(args.data)
+    if not os.path.isfile(os.path.join(data_dir, "dict.txt")):
+        sys.exit(f"error: {data_dir} has no dict.txt (make it with bash examples/ptb/prepare.sh)")
+    os.makedirs(out_dir, exist_ok=True)
+    t_start = time.perf_counter()
+    h = header(args, data_dir, argv)
+    print(f"command: {h['command']}\nsetup: {h['setup']}", flush=True)
+    res = {"header": h, "settings": vars(args), **measure_all(args, data_dir)}
     h["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     h["total_wall_s"] = time.perf_counter() - t_start
-    results = {"header": h, "settings": vars(args), "checkpoints": ckpts, "part1": part1,
-               "part2": part2, "expected_calls_by_batch": {"batches": by_batch,
-                                                           "rows": exp_rows},
-               "data_entropy": d_ent, "crossover": cross, "notes": notes,
-               "ratios": {
-                   "ddpm_over_cache_wall": {f"T={r['steps']},batch={r['batch']}":
-                                            r["speedup_wall"] for r in part1},
-                   "ddpm_over_cache_cpu": {f"T={r['steps']},batch={r['batch']}":
-                                           r["speedup_cpu"] for r in part1},
-                   "mdlm_over_transformer_lm_wall": {
-                       f"{r['model']}:{r['sampler']}:T={r['steps']}": r["x_transformer_lm_wall"]
-                       for r in part2}}}
-
-    print("\n[1] ddpm_cache vs ddpm (speed-up = ddpm / ddpm_cache)")
-    print(text_table(CACHE_HEAD, cache_table_rows(part1)))
-    print("\n    expected row evaluations per sample (schedule only), any batch size:")
-    print(text_table(["T"] + list(by_batch),
-                     [[str(t)] + [f"{v:.0f}" for v in vals] for t, vals in exp_rows.items()]))
-    print(f"\n[2] seconds per sample ({n} samples x {L} tokens, batch {B}); "
-          f"x transformer_lm = time / transformer_lm's time")
-    print(text_table(SPEED_HEAD, speed_table_rows(part2)))
-    for line in crossover_lines(results):
-        print("    " + line)
-    if d_ent:
-        print(f"    reference: PTB test blocks of {L} tokens: entropy {d_ent['entropy']:.3f} "
-              f"nats ({d_ent['entropy_no_eos']:.3f} without </s>)")
-    print("\nexamples (first 40 tokens of sample 1):")
-    for r in part2:
-        if r["model"] != "mdlm_tiny" or (r["sampler"] == "ddpm" and r["steps"] == max(args.steps)):
-            what = f"{r['sampler']} T={r['steps']}" if r["model"] == "mdlm_tiny" else "AR"
-            print(f"    {r['model']} {what}: {r['example']}")
-
-    json_path = os.path.join(out_dir, "results.json")
-    md_path = os.path.join(out_dir, "results.md")
-    png_path = os.path.join(out_dir, "sampling_speed.png")
-    with open(json_path, "w") as f:
-        json.dump(results, f, indent=2, default=str)
-    with open(md_path, "w") as f:
-        f.write(markdown_report(results))
-    plot(results, png_path)
-    print(f"\ntotal {h['total_wall_s']:.0f} s; load average at end {h['load_average_at_end']}")
-    print(f"wrote {json_path}\n      {md_path}\n      {png_path}")
+    res["ratios"] = {
+        "ddpm_over_cache_wall": {f"T={r['steps']},batch={r['batch']}": r["speedup_wall"]
+                                 for r in res["cache_vs_ddpm"]},
+        "ddpm_over_cache_cpu": {f"T={r['steps']},batch={r['batch']}": r["speedup_cpu"]
+                                for r in res["cache_vs_ddpm"]},
+        "mdlm_over_transformer_lm_wall": {f"{r['model']}:{r['sampler']}:T={r['steps']}":
+                                          r["x_transformer_lm_wall"] for r in res["speed_vs_ar"]}}
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(res, f, indent=2, default=str)
+    write_outputs(res, out_dir)
+    print("\n" + text_table(CACHE_HEAD, cache_table_rows(res["cache_vs_ddpm"])))
+    print("\n" + text_table(SPEED_HEAD, speed_table_rows(res["speed_vs_ar"])))
+    print("\n".join(crossover_lines(res)))
+    print(f"\ntotal {h['total_wall_s']:.0f} s; wrote {out_dir}/results.json, results.md, "
+          f"sampling_speed.png")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from mdlm_plugin import recipes
+
 REPO = Path(__file__).resolve().parents[1]
 USER_DIR = str(REPO / "mdlm_plugin")
 
@@ -41,8 +43,10 @@ def ptb_tiny(tmp_path_factory):
     return root / "bin"
 
 
-TINY_MODEL = ["--arch", "mdlm_tiny", "--embed-dim", "64", "--layers", "2",
-              "--attention-heads", "2", "--cond-dim", "32", "--tokens-per-sample", "32"]
+# the tests' tiny MDLM: mdlm_tiny's architecture at 2 x 64, 2 heads, 32-token windows
+TINY_SIZE = recipes.Size(layers=2, embed_dim=64, heads=2, cond_dim=32)
+TINY_MODEL = ["--arch", "mdlm_tiny", *recipes.size_flags("mdlm", TINY_SIZE),
+              "--tokens-per-sample", "32"]
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,8 @@
 # Train MDLM on binarized PTB with fairseq-train: the CPU recipe of the main job.
 #   examples/ptb/train_mdlm.sh [DATA=data-bin/ptb] [SAVE_DIR=checkpoints/ptb_mdlm_tiny] [extra fairseq-train flags]
 # MAX_UPDATE (default 600) sets the budget: about 15 minutes on 2 CPU cores. The same
-# recipe as a fairseq-hydra-train config: examples/ptb/config/mdlm_tiny.yaml.
+# recipe as a fairseq-hydra-train config: examples/ptb/config/mdlm_tiny.yaml (tests/test_recipes.py
+# checks that both train the same thing, at mdlm_plugin.recipes.ARCH_SIZES["tiny"]).
 # Interrupted? Run the same command again: fairseq resumes from SAVE_DIR/checkpoint_last.pt.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)

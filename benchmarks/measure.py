@@ -1,0 +1,101 @@
+"""Process and machine measurements shared by the benchmarks, through psutil: CPU time of
+a process (and of the whole machine, to tell how much other jobs used), the resident
+memory of a process tree, and a timer that gives both for a block of code."""
+import os
+import threading
+import time
+from typing import Dict, List, Optional
+
+import psutil
+
+
+def machine_cpu_seconds():
+    """(busy, total) CPU seconds of the whole machine, summed over cores."""
+    t = psutil.cpu_times()
+    idle = t.idle + getattr(t, "iowait", 0.0)
+    total = sum(getattr(t, k) for k in ("user", "nice", "system", "idle", "iowait", "irq",
+                                        "softirq", "steal") if hasattr(t, k))
+    return total - idle, total      # guest time is already inside user
+
+
+def other_load(busy0: float, busy1: float, total0: float, total1: float, own_cpu_s: float):
+    """Share of all cores' time used by other processes between two readings."""
+    return max(0.0, (busy1 - busy0) - own_cpu_s) / max(total1 - total0, 1e-9)
+
+
+def process_cpu_seconds(pid: int) -> Optional[float]:
+    """User + system CPU time of a live process."""
+    try:
+        t = psutil.Process(pid).cpu_times()
+        return t.user + t.system
+    except psutil.Error:
+        return None
+
+
+def rss_mib(pid: int, tree: bool = False) -> Optional[float]:
+    """Resident memory of a process (with ``tree``: summed with its descendants)."""
+    try:
+        p = psutil.Process(pid)
+        procs = [p] + (p.children(recursive=True) if tree else [])
+        return sum(q.memory_info().rss for q in procs) / 2 ** 20
+    except psutil.Error:
+        return None
+
+
+def snapshot(pid: int, num_updates: float) -> Dict[str, float]:
+    busy, total = machine_cpu_seconds()
+    return {"num_updates": num_updates, "wall": time.monotonic(),
+            "cpu": process_cpu_seconds(pid), "machine_busy": busy, "machine_total": total}
+
+
+class TreeMemorySampler(threading.Thread):
+    """Peak summed RSS of a process tree, sampled every ``period`` seconds; on GPU also
+    the peak memory nvidia-smi reports for the tree's processes."""
+
+    def __init__(self, pid: int, smi_query=None, period: float = 0.5):
+        super().__init__(daemon=True)
+        self.pid, self.smi_query, self.period = pid, smi_query, period
+        self.stop = threading.Event()
+        self.rss_peak_mib = 0.0
+        self.smi_peak_mib: Optional[float] = None
+
+    def run(self):
+        while not self.stop.is_set():
+            self.rss_peak_mib = max(self.rss_peak_mib, rss_mib(self.pid, tree=True) or 0.0)
+            if self.smi_query:
+                used = self.smi_query(self.tree_pids())
+                if used:
+                    self.smi_peak_mib = max(self.smi_peak_mib or 0.0, used)
+            self.stop.wait(self.period)
+
+    def tree_pids(self) -> List[int]:
+        try:
+            p = psutil.Process(self.pid)
+            return [self.pid] + [c.pid for c in p.children(recursive=True)]
+        except psutil.Error:
+            return [self.pid]
+
+
+class Meter:
+    """Wall time, this process's CPU time (all threads), the 1-minute load average
+    before and after, and the share of all cores' time used by *other* processes."""
+
+    def __enter__(self):
+        self.load_before = os.getloadavg()[0]
+        self.busy0, self.total0 = machine_cpu_seconds()
+        self.cpu0, self.wall0 = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall_s = time.perf_counter() - self.wall0
+        self.cpu_s = time.process_time() - self.cpu0
+        busy1, total1 = machine_cpu_seconds()
+        self.load_after = os.getloadavg()[0]
+        self.other_load = min(1.0, other_load(self.busy0, busy1, self.total0, total1,
+                                              self.cpu_s))
+        return False
+
+    def as_dict(self) -> Dict[str, object]:
+        return {"wall_s": self.wall_s, "cpu_s": self.cpu_s,
+                "load_before": round(self.load_before, 2),
+                "load_after": round(self.load_after, 2), "other_load": self.other_load}

@@ -1,0 +1,142 @@
+"""What the comparison (examples/compare) and every benchmark report with: Markdown
+tables, number formatting, the machine / software / git description, and one plot style
+(the same colour for a model in every figure). No fairseq import; matplotlib is imported
+only by :func:`pyplot`.
+"""
+import datetime
+import importlib.metadata
+import os
+import platform
+import subprocess
+from typing import Dict, Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# one colour per model and per MDLM sampler, in every figure
+COLOURS = {"mdlm": "tab:blue", "mdlm_tiny": "tab:blue", "mdlm_ar": "tab:green",
+           "mdlm_ar_tiny": "tab:green", "transformer_lm": "tab:red",
+           "ddpm": "tab:orange", "ddpm_cache": "tab:purple", "test data": "grey"}
+
+
+# --------------------------------------------------------------------------- numbers, tables
+
+def fmt(x, spec: str = ",.1f", missing: str = "n/a") -> str:
+    return missing if x is None else format(x, spec)
+
+
+def pct(x, digits: int = 0, missing: str = "n/a") -> str:
+    """A share in [0, 1] as a percentage."""
+    return missing if x is None else f"{100 * x:.{digits}f}%"
+
+
+def ratio(a, b) -> Optional[float]:
+    return a / b if a is not None and b else None
+
+
+def md_table(head: Sequence, rows: Sequence[Sequence], align: str = "") -> str:
+    """A Markdown table; ``align`` has one letter per column, ``r`` right-aligns it
+    (``---:``), anything else (or no letter) leaves it plain (``---``)."""
+    seps = ["---:" if align[i:i + 1] == "r" else "---" for i in range(len(head))]
+    lines = ["| " + " | ".join(map(str, head)) + " |", "|" + "|".join(seps) + "|"]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def text_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Right-aligned columns for a terminal."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+# --------------------------------------------------------------------------- machine
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:      # Linux: the only place with the model name
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def dist_version(*names: str) -> str:
+    for name in names:
+        try:
+            return f"{importlib.metadata.version(name)} ({name})"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "not installed"
+
+
+def git_revision() -> str:
+    """Short hash of the checkout, marked when it has uncommitted changes."""
+    def git(*args, timeout=30):
+        return subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True,
+                              timeout=timeout).stdout.strip()
+    try:
+        rev, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain")
+        return (rev or "unknown") + (" (+ uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def machine(device: str = "cpu", threads: Optional[int] = None,
+            gpu: Optional[str] = None) -> Dict[str, object]:
+    """What a measurement ran on, as the benchmarks' tables list it."""
+    try:
+        import torch
+        torch_version, threads = torch.__version__, threads or torch.get_num_threads()
+    except ImportError:
+        torch_version = "not installed"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(), "platform": platform.platform(), "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(), "cpu_cores_usable": usable_cores(),
+        "torch_threads": threads, "load_average": [round(x, 2) for x in os.getloadavg()],
+        "device": device, "gpu": gpu, "python": platform.python_version(),
+        "torch": torch_version, "fairseq": dist_version("fairseq-fixed", "fairseq"),
+        "mdlm_plugin": dist_version("mdlm_plugin", "mdlm-plugin"), "git": git_revision(),
+    }
+
+
+def machine_line(m: Dict[str, object]) -> str:
+    """One line of :func:`machine`, for a report's header."""
+    dev = m.get("gpu") or "CPU only"
+    return (f"{m['cpu']}, {m['cpu_cores']} cores, {dev}; Python {m['python']}, "
+            f"torch {m['torch']}, fairseq {m['fairseq']}, git {m['git']}")
+
+
+def machine_table(m: Dict[str, object], keys: Sequence[str]) -> str:
+    """The ``| key | value |`` table of the benchmarks' reports (keys with a value)."""
+    return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {m[k]} |" for k in keys
+                                                if m.get(k) is not None])
+
+
+# --------------------------------------------------------------------------- plots
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: str, title: Optional[str] = None) -> None:
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
