@@ -4,39 +4,14 @@
     python benchmarks/gpu_mfu.py                 # on one H100/H200: about 4-6 minutes
     python benchmarks/gpu_mfu.py --smoke         # tiny sizes on CPU: checks the pipeline
 
-Each model is trained by fairseq's own trainer (one ``fairseq-train`` subprocess per
-run) for ``--warmup-updates`` + ``--updates`` updates on the same data, batch,
-optimizer (``adamw_torch``: torch's fused AdamW on CUDA) and precision; tokens/s is
-fairseq's ``wps`` over the measured updates only. Data: ``--data DIR`` (any
-``fairseq-preprocess --only-source`` output, e.g. data-bin/ptb), or by default a
-random corpus over a ``--vocab``-word vocabulary (GPT-2's 50,257 by default), written
-and binarized with ``fairseq-preprocess`` by the script itself, offline.
-
-Precision (``--precision``): ``bf16`` (default) is fairseq's ``--bf16``: bf16
-weights and activations, fp32 master weights in fairseq's FP16Optimizer, no loss
-scaling. fairseq-train turns ``--bf16`` into ``--tpu`` (it needs torch_xla); this
-script runs fairseq-train with that one implication undone (see
-``_fairseq_train_bf16``); ``fairseq-hydra-train common.bf16=true`` does the same
-without any shim. ``fp16`` (``--fp16``, loss scaling) and ``amp`` (``--amp``,
-fp16 autocast) are fairseq-train as is.
-
-FLOPs per token (the convention of PaLM, Chowdhery et al. 2022, appendix B):
-
-    F = 6 * N + 12 * n_layers * seq_len * d_model
-    N = n_layers * (4 * d_model^2 + 2 * d_model * d_ffn) + d_model * V_out
-
-N counts the weights every token meets in a matmul: attention projections, FFN and
-the output layer (not the input embedding, a lookup, nor MDLM's adaLN modulation,
-which runs once per sequence); 12 * n_layers * seq_len * d_model is QK^T and AV,
-forward and backward, counted over the full sequence for both models. MFU =
-tokens/s * F / peak dense bf16 FLOP/s of the card (H100 SXM and H200: 989.4e12;
-H100 PCIe: 756e12; ``--peak-tflops`` for another card). MDLM computes the output
-layer only at masked positions (about half of them); the table also gives
-"executed MFU", with d_model * V_out weighted by the measured masked fraction.
-
-Writes ``results.json``, ``results.md`` (command, machine, table) and
-``throughput_mfu.png`` to ``--output-dir`` (default ``benchmarks/results/gpu``;
-``--smoke``: ``WORKDIR/smoke_results``), and each run's log under ``logs/``.
+Each model is trained by fairseq-train (command lines from ``mdlm_plugin.recipes``) for
+``--warmup-updates`` + ``--updates`` updates on the same data (``--data DIR``, or a random
+corpus over ``--vocab`` words binarized here), batch, optimizer (``adamw_torch``) and
+precision; tokens/s is fairseq's ``wps`` (JSON log) over the measured updates only.
+``--precision bf16`` runs fairseq-train with its "--bf16 implies --tpu" undone
+(``_fairseq_train_bf16``). FLOPs per token and MFU: PaLM's convention (appendix B), see
+benchmarks/README.md. Writes results.json, results.md and throughput_mfu.png to
+``--output-dir`` (default benchmarks/results/gpu; ``--smoke``: WORKDIR/smoke_results).
 """
 import argparse
 import json
@@ -340,8 +315,8 @@ def main(argv=None):
     os.makedirs(args.workdir, exist_ok=True)
     os.makedirs(log_dir, exist_ok=True)
     data = args.data or random_corpus(args)
-    m = reporting.machine(device, gpu=gpu and f"{gpu['name']} ({gpu['memory_gb']} GiB, "
-                                          f"CUDA {gpu['cuda']})")
+    gpu_name = gpu and f"{gpu['name']} ({gpu['memory_gb']} GiB, CUDA {gpu['cuda']})"
+    m = reporting.machine(device, gpu=gpu_name)
     machine = f"{reporting.machine_line(m)}, {time.strftime('%Y-%m-%d %H:%M')}"
     print(f"machine: {machine}\npeak: {peak_source}\ndata: {data}", flush=True)
     t0 = time.time()
@@ -352,8 +327,8 @@ def main(argv=None):
             summary[r["model"]]["peak_gb"] = round(gpu["memory_gb"] - r["min_gb_free"], 1)
     header = {"command": "python benchmarks/gpu_mfu.py " + shlex.join(argv),
               "machine": machine, "gpu": gpu, "peak_flops": peak, "peak_source": peak_source,
-              "data": data if args.data else f"random corpus, vocabulary {args.vocab}, "
-                                                f"{args.corpus_tokens:,} tokens",
+              "data": data if args.data else
+              f"random corpus, vocabulary {args.vocab}, {args.corpus_tokens:,} tokens",
               "ratio": reporting.ratio(summary.get("mdlm", {}).get("tokens_per_s"),
                                        summary.get("transformer_lm", {}).get("tokens_per_s")),
               "total_s": round(time.time() - t0, 1)}

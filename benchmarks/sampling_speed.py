@@ -1,25 +1,12 @@
 #!/usr/bin/env python
-"""Sampling speed: MDLM ``ddpm_cache`` vs ``ddpm``, and MDLM vs fairseq's autoregressive sampling.
-
-Everything runs in one process, one model and one configuration at a time, with the
-same seed and the same number and length of unconditional samples:
-
-1. ``cache_vs_ddpm``: ``ddpm_cache`` vs ``ddpm`` on one MDLM checkpoint at T = 1000 and
-   T = L (the window, 128): wall time, CPU time, row evaluations (rows run through the
-   network, summed over calls), and whether the two samplers produced identical tokens
-   (they should: same random stream, and the cache only skips rows whose output could
-   not have changed); all samples in one batch, and one sample at a time. The expected
-   number of evaluations per sample depends only on the schedule, T and L
-   (``expected_calls``) and is printed next to the measurement.
-2. ``speed_vs_ar``: MDLM (``ddpm`` and ``ddpm_cache``) at several step counts vs fairseq's
-   own ``SequenceGenerator`` with ``sampling=True`` (incremental decoding, what
-   ``fairseq-generate --sampling --beam 1`` builds), unconditional from the start token,
-   exactly L tokens, on fairseq's ``transformer_lm`` (4 x 256) and on ``mdlm_ar_tiny``.
-   Seconds and CPU seconds per sample, and the mean unigram entropy of the samples.
-
-Checkpoints are flags; a missing one is trained with ``fairseq-train`` first (command
-lines from ``mdlm_plugin.recipes``; a few hundred updates: speed does not depend on
-training, entropy does).
+"""Sampling speed: MDLM ``ddpm_cache`` vs ``ddpm`` (``cache_vs_ddpm``: same checkpoint,
+seed and samples; wall and CPU time, row evaluations against the schedule-only
+expectation, identical tokens), and MDLM at several step counts vs fairseq's own
+autoregressive sampling (``speed_vs_ar``: ``SequenceGenerator`` with ``sampling=True`` on
+``transformer_lm`` and ``mdlm_ar_tiny``; seconds per sample and unigram entropy), in one
+process with the same number and length of unconditional samples. A missing checkpoint
+is trained first (command lines from ``mdlm_plugin.recipes``). Details:
+benchmarks/README.md.
 
     python benchmarks/sampling_speed.py [DATA_DIR] [--samples 4] [--threads N]
     python benchmarks/sampling_speed.py --report-only [--output-dir DIR]
@@ -44,7 +31,7 @@ sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]
 import measure  # noqa: E402
 from mdlm_plugin import recipes, reporting  # noqa: E402
 from mdlm_plugin.generative_eval import batches  # noqa: E402
-from mdlm_plugin.reporting import COLOURS, md_table, pct, text_table  # noqa: E402
+from mdlm_plugin.reporting import COLOURS, md_table, pct  # noqa: E402
 
 DEFAULT_TRAIN_DIR = "/tmp/mdlm_sampling_speed"
 SAMPLERS = ("ddpm", "ddpm_cache")
@@ -453,7 +440,8 @@ def cache_table_rows(rows) -> List[List[str]]:
         out.append([str(r["steps"]), str(r["batch"]), str(r["samples"]),
                     f"{d['row_calls']} / {c['row_calls']}",
                     f"{r['expected_calls_ddpm']:.0f} / {r['expected_calls_cache']:.0f}",
-                    f"{d['wall_s']:.2f} / {c['wall_s']:.2f}", f"{d['cpu_s']:.2f} / {c['cpu_s']:.2f}",
+                    f"{d['wall_s']:.2f} / {c['wall_s']:.2f}",
+                    f"{d['cpu_s']:.2f} / {c['cpu_s']:.2f}",
                     f"{r['speedup_wall']:.2f}x", f"{r['speedup_cpu']:.2f}x",
                     f"{r['calls_ratio']:.2f}x", pct(r["skipped_steps_share"]),
                     "yes" if r["identical"] else "NO",
@@ -636,9 +624,7 @@ def main(argv=None):
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(res, f, indent=2, default=str)
     write_outputs(res, out_dir)
-    print("\n" + text_table(CACHE_HEAD, cache_table_rows(res["cache_vs_ddpm"])))
-    print("\n" + text_table(SPEED_HEAD, speed_table_rows(res["speed_vs_ar"])))
-    print("\n".join(crossover_lines(res)))
+    print(markdown_report(res).split("![sampling speed]")[0])
     print(f"\ntotal {h['total_wall_s']:.0f} s; wrote {out_dir}/results.json, results.md, "
           f"sampling_speed.png")
 

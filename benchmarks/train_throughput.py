@@ -1,23 +1,14 @@
 #!/usr/bin/env python
-"""Training throughput and peak memory: MDLM ``mdlm_tiny`` vs fairseq ``transformer_lm``.
+"""Training throughput and peak memory: MDLM ``mdlm_tiny`` vs fairseq ``transformer_lm``
+of the same depth, width, heads and FFN, each trained by ``fairseq-train`` (one
+subprocess per run, command lines from ``mdlm_plugin.recipes``) on the same data, batch,
+optimizer and updates, runs interleaved. Throughput: fairseq's ``wps`` of the
+``train_inner`` JSON records after the warm-up intervals; memory: the child's peak RSS
+(``wait4``) on CPU, fairseq's ``gb_free`` and nvidia-smi on GPU; CPU time and other
+processes' load: psutil. What is measured and why: benchmarks/README.md.
 
-Both models are trained through fairseq's own CLI (``fairseq-train``, one subprocess
-per run; command lines from ``mdlm_plugin.recipes``) on the same data, with the same
-depth (4), width (256), heads (4), FFN (1024), dropout (0.1), batch (32 x 128 tokens),
-optimizer (Adam, fixed lr) and number of updates; runs are interleaved (MDLM,
-transformer_lm, MDLM, ...).
-
-Throughput is fairseq's own ``wps`` of the ``train_inner`` JSON log records, the first
-interval(s) discarded as warm-up, median over the rest. Peak memory is the child's peak
-resident set size (from ``wait4``'s rusage) on CPU, and on GPU the peak
-``torch.cuda.max_memory_allocated`` as fairseq reports it (through ``gb_free``) plus the
-process's peak in ``nvidia-smi``. CPU time and other processes' load come from psutil.
-Everything is reported as MDLM / transformer_lm ratios, as JSON, Markdown and a PNG.
-
-    python benchmarks/train_throughput.py [DATA_DIR] [--updates 60] [--repeats 2]
+    python benchmarks/train_throughput.py [DATA_DIR=data-bin/ptb] [--updates 60] [--repeats 2]
     python benchmarks/train_throughput.py --report-only [--output-dir DIR]
-
-DATA_DIR defaults to data-bin/ptb (make it with ``bash examples/ptb/prepare.sh``).
 """
 import argparse
 import json

@@ -9,6 +9,7 @@ Importing the plugin changes two process-wide things, both in
 from .checkpoint_io import install_atomic_checkpoint_copy
 from .errors import install_excepthook
 
+
 def install_process_hooks() -> None:
     """The two process-wide changes loading the plugin makes (idempotent). fairseq
     gives a ``--user-dir`` plugin no other entry point than its import, so they are

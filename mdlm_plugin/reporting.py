@@ -42,15 +42,6 @@ def md_table(head: Sequence, rows: Sequence[Sequence], align: str = "") -> str:
     return "\n".join(lines)
 
 
-def text_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Right-aligned columns for a terminal."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-
-    def line(cells):
-        return "  ".join(c.rjust(w) for c, w in zip(cells, widths))
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
 # --------------------------------------------------------------------------- machine
 
 def cpu_model() -> str:
@@ -120,8 +111,8 @@ def machine_line(m: Dict[str, object]) -> str:
 
 def machine_table(m: Dict[str, object], keys: Sequence[str]) -> str:
     """The ``| key | value |`` table of the benchmarks' reports (keys with a value)."""
-    return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {m[k]} |" for k in keys
-                                                if m.get(k) is not None])
+    rows = [f"| {k} | {m[k]} |" for k in keys if m.get(k) is not None]
+    return "\n".join(["| | |", "|---|---|"] + rows)
 
 
 # --------------------------------------------------------------------------- plots

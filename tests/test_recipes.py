@@ -164,8 +164,8 @@ def test_sizes_agree_with_the_architectures_and_the_recipes():
 
 
 def test_json_log_records_and_a_report_table():
-    log = ("2026-01-01 | INFO | train_inner | {\"epoch\": 1, \"wps\": \"3517.2\", \"loss\": \"9.1\"}\n"
-           "2026-01-01 | INFO | valid | {\"valid_ppl\": \"551.3\", \"valid_num_updates\": \"100\"}\n"
+    log = ('2026-01-01 | INFO | train_inner | {"epoch": 1, "wps": "3517.2", "loss": "9.1"}\n'
+           '2026-01-01 | INFO | valid | {"valid_ppl": "551.3", "valid_num_updates": "100"}\n'
            "epoch 001 | loss 9.0 | wps 3000\n")
     assert [recipes.numbers(r) for r in recipes.json_records(log, "train_inner")] == [
         {"epoch": 1.0, "wps": 3517.2, "loss": 9.1}]

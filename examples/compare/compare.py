@@ -49,7 +49,8 @@ class CompareError(SystemExit):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--corpus", choices=("ptb", "sotu"), default="ptb",
                    help="prepared with examples/<corpus>/prepare.sh when --data is missing")
     p.add_argument("--data", help="fairseq-preprocess --only-source directory "
@@ -347,7 +348,8 @@ def gen_targets(g: Dict) -> List[str]:
                 lines.append(f"scored by {s}: MDLM at {top['steps']} steps / {r['source']} "
                              f"samples = {ratio:.2f} (target <= 1.5); entropy "
                              f"{top['entropy']:.3f} vs {r['entropy']:.3f} "
-                             f"({100 * (top['entropy'] / r['entropy'] - 1):+.1f}%, target within 5%)")
+                             f"({100 * (top['entropy'] / r['entropy'] - 1):+.1f}%, "
+                             "target within 5%)")
     return lines
 
 

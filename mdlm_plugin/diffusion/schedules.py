@@ -15,6 +15,7 @@ import math
 
 import torch
 
+
 class NoiseSchedule(abc.ABC):
     """Base class: subclasses define ``sigma`` and its time derivative ``dsigma``."""
 
