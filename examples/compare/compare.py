@@ -188,6 +188,12 @@ def train_command(model: str, args, save_dir: str) -> List[str]:
         overrides=shlex.split(args.extra_train_args))
 
 
+def without_log_format(cmd: List[str]) -> List[str]:
+    """A command without its --log-format value: runs that differ only there trained the
+    same model (runs finished before compare.py read JSON logs are reused as they are)."""
+    return [t for i, t in enumerate(cmd) if not (i and cmd[i - 1] == "--log-format")]
+
+
 def read_train_log(text: str) -> Dict[str, object]:
     """The validation curve (updates, ppl) and the words/s of each log interval."""
     curve = {}
@@ -207,7 +213,7 @@ def train(model: str, args) -> Dict[str, object]:
     if os.path.isfile(done_file):
         with open(done_file) as f:
             done = json.load(f)
-        if done.get("command") == cmd:
+        if without_log_format(done.get("command") or []) == without_log_format(cmd):
             print(f"{model}: trained already ({done_file})", flush=True)
             return done
     print(f"{model}: training {args.max_update} updates", flush=True)
