@@ -355,7 +355,7 @@ def generation(loaded: Dict[str, tuple], args) -> Dict[str, object]:
                "scored_by": {}}
         for s in scorers:
             with torch.no_grad():
-                row["scored_by"][s] = generative_perplexity(loaded[s][0], tokens, eos)
+                row["scored_by"][s] = generative_perplexity(loaded[s][0], tokens)
         rows.append(row)
     examples = {}
     for source, steps, tokens, _, _ in sets:
