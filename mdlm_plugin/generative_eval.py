@@ -4,11 +4,18 @@ samples from an MDLM (through the task's generator) or from an autoregressive fa
 language model (ancestral sampling with incremental decoding), and score token
 sequences with an autoregressive model (generative perplexity).
 
-Conventions, the same as fairseq's language_modeling task: an autoregressive model reads
-``</s>`` before the first token of a block (TokenBlockDataset does this for the first
-block of a stream), so a sequence x_1..x_L is scored as sum_i -log p(x_i | </s>, x_<i),
-and a sample is drawn from the same start. Perplexities are exp(total NLL in nats /
-total tokens) over all scored sequences, tokens in nats throughout.
+Conventions. An autoregressive sample is drawn after ``</s>``. Scoring puts every source
+on the same footing:
+  * test perplexity of an AR model (``ar_block_perplexity``): each block of the split is
+    read after ``</s>`` only, x_1..x_L scored as sum_i -log p(x_i | </s>, x_<i): exactly
+    the context an MDLM block has (nothing from the previous block), while
+    fairseq-eval-lm's TokenBlockDataset gives every block but the first the real token
+    before it;
+  * generative perplexity (``generative_perplexity``): the first token of every sample
+    is context only, x_2..x_L scored given x_1, whatever the source (AR samples start
+    after ``</s>``, MDLM samples and test blocks mid-sentence), as the reference
+    implementation does.
+Perplexities are exp(total NLL in nats / total tokens scored), nats throughout.
 """
 import math
 import os
@@ -50,32 +57,54 @@ def batches(n: int, size: int):
 
 
 @torch.no_grad()
-def ar_sequence_nll(model, tokens: torch.Tensor, bos: int, batch_size: int = 32) -> torch.Tensor:
+def ar_sequence_nll(model, tokens: torch.Tensor, bos: Optional[int] = None,
+                    batch_size: int = 32) -> torch.Tensor:
     """Per-row total negative log-likelihood (nats, float64) of ``tokens`` (N, L) under
-    the autoregressive fairseq LM ``model``, each row read after ``bos``."""
+    the autoregressive fairseq LM ``model``. With ``bos`` each row is read after it and
+    all L tokens are scored; without, the first token is context only and the L - 1
+    tokens after it are scored."""
     model.eval()
     out = []
     for start in range(0, tokens.size(0), batch_size):
         x = tokens[start:start + batch_size]
-        inputs = torch.cat([x.new_full((x.size(0), 1), bos), x[:, :-1]], dim=1)
+        if bos is None:
+            inputs, targets = x[:, :-1], x[:, 1:]
+        else:
+            inputs, targets = torch.cat([x.new_full((x.size(0), 1), bos), x[:, :-1]], 1), x
         net_output = model(inputs)
         lprobs = model.get_normalized_probs(net_output, log_probs=True).double()
-        out.append(-lprobs.gather(-1, x.unsqueeze(-1)).squeeze(-1).sum(-1))
+        out.append(-lprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum(-1))
     return torch.cat(out)
 
 
-def generative_perplexity(scorer, tokens: torch.Tensor, bos: int,
-                          batch_size: int = 32) -> Dict[str, float]:
-    """exp(mean NLL per token) of ``tokens`` (N, L) under the autoregressive ``scorer``,
-    with the standard error of the per-token NLL over the N rows (delta method for
-    the perplexity)."""
-    nll = ar_sequence_nll(scorer, tokens, bos, batch_size)
-    per_row = nll / tokens.size(1)
+def generative_perplexity(scorer, tokens: torch.Tensor, batch_size: int = 32) -> Dict[str, float]:
+    """exp(mean NLL per scored token) of ``tokens`` (N, L) under the autoregressive
+    ``scorer``, the first token of every row context only (L - 1 scored per row), with
+    the standard error of the per-token NLL over the N rows (delta method for the
+    perplexity)."""
+    if tokens.size(1) < 2:
+        raise ValueError("generative perplexity needs samples of at least 2 tokens")
+    nll = ar_sequence_nll(scorer, tokens, None, batch_size)
+    per_row = nll / (tokens.size(1) - 1)
     mean = float(per_row.mean())
     se = float(per_row.std(unbiased=True) / math.sqrt(len(per_row))) if len(per_row) > 1 else 0.0
     return {"ppl": math.exp(mean), "nll_per_token": mean, "nll_se": se,
             "ppl_se": se * math.exp(mean), "sequences": int(tokens.size(0)),
-            "tokens": int(tokens.numel())}
+            "tokens": int(tokens.size(0) * (tokens.size(1) - 1))}
+
+
+def ar_block_perplexity(model, stream: torch.Tensor, length: int, bos: int,
+                        batch_size: int = 32) -> Dict[str, float]:
+    """Perplexity of a token ``stream`` (1-D) cut into consecutive blocks of ``length``
+    (the last one shorter if need be), each block read after ``bos`` only: the context
+    an MDLM block has. Every token of the stream is scored once."""
+    full = stream.numel() // length * length
+    nll = ar_sequence_nll(model, stream[:full].view(-1, length), bos, batch_size).sum()
+    if full < stream.numel():
+        nll = nll + ar_sequence_nll(model, stream[full:].unsqueeze(0), bos).sum()
+    total, n = float(nll), int(stream.numel())
+    return {"ppl": math.exp(total / n), "nll": total, "tokens": n,
+            "blocks": -(-n // length)}
 
 
 @torch.no_grad()
@@ -122,14 +151,19 @@ def mdlm_samples(task, model, n: int, length: int, steps: int, sampler: str, see
                                "mean_unigram_entropy": st.mean_unigram_entropy}
 
 
-def data_blocks(data_dir: str, split: str, length: int, n: Optional[int] = None) -> torch.Tensor:
-    """The split's consecutive blocks of ``length`` tokens (what the models were trained
-    to imitate, </s> included), the first ``n`` of them when given."""
+def split_stream(data_dir: str, split: str) -> torch.Tensor:
+    """The split as one 1-D token stream (``</s>`` ending every line), as
+    TokenBlockDataset reads it with ``--sample-break-mode none``."""
     from fairseq.data import data_utils
     ds = data_utils.load_indexed_dataset(os.path.join(data_dir, split), None)
     if ds is None:
         raise FileNotFoundError(f"no split {split!r} in {data_dir}")
-    flat = torch.cat([ds[i].long() for i in range(len(ds))])
+    return torch.cat([ds[i].long() for i in range(len(ds))])
+
+
+def data_blocks(data_dir: str, split: str, length: int, n: Optional[int] = None) -> torch.Tensor:
+    """The split's consecutive full blocks of ``length`` tokens (what the models were
+    trained to imitate, </s> included), the first ``n`` of them when given."""
+    flat = split_stream(data_dir, split)
     blocks = flat[: flat.numel() // length * length].view(-1, length)
     return blocks if n is None else blocks[:n]
-

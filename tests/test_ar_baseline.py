@@ -272,3 +272,29 @@ def test_interactive_sampling_continues_prompts(ptb_tiny, trained_ar, tmp_path):
         known = [w if w in vocab else "<unk>" for w in prompt.split()]
         assert hypos[i][:len(known)] == known
     assert any(len(hypos[i]) > len(prompts[i].split()) for i in hypos)    # new words
+
+
+def test_block_scorer_agrees_with_eval_lm_where_both_read_only_eos(ptb_tiny, trained_ar):
+    """fairseq-eval-lm's own scorer (SequenceScorer over TokenBlockDataset) and
+    ``ar_block_perplexity`` agree on the split's first block, where both read `</s>`
+    before it; on the second block eval-lm reads the first block's last token and the
+    block scorer does not."""
+    from fairseq.sequence_scorer import SequenceScorer
+    from mdlm_plugin.generative_eval import (ar_block_perplexity, ar_sequence_nll,
+                                             load_checkpoint, split_stream)
+    model, task, _ = load_checkpoint(str(trained_ar[0]), str(ptb_tiny))
+    task.load_dataset("test")
+    ds = task.dataset("test")                  # what fairseq-eval-lm iterates over
+    sample = ds.collater([ds[0], ds[1]])
+    hypos = SequenceScorer(task.target_dictionary).generate([model], sample)
+    eval_lm = {int(i): -float(h[0]["positional_scores"].double().sum())
+               for i, h in zip(sample["id"], hypos)}
+    assert sample["net_input"]["src_tokens"][sample["id"] == 0][0, 0] == task.dictionary.eos()
+
+    stream = split_stream(str(ptb_tiny), "test")
+    blocks = stream[:64].view(2, 32)
+    ours = ar_sequence_nll(model, blocks, task.dictionary.eos())
+    assert ours[0].item() == pytest.approx(eval_lm[0], rel=1e-5)
+    assert abs(ours[1].item() - eval_lm[1]) > 1e-3      # eval-lm read across the boundary
+    total = ar_block_perplexity(model, stream, 32, task.dictionary.eos())
+    assert (total["tokens"], total["blocks"]) == (stream.numel(), -(-stream.numel() // 32))

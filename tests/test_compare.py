@@ -12,7 +12,8 @@ from fairseq.data import Dictionary
 from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel
 
 from conftest import REPO
-from mdlm_plugin.generative_eval import ar_samples, ar_sequence_nll, generative_perplexity
+from mdlm_plugin.generative_eval import (ar_block_perplexity, ar_samples, ar_sequence_nll,
+                                         generative_perplexity)
 
 
 class BigramDecoder(FairseqIncrementalDecoder):
@@ -48,18 +49,33 @@ def bigram_model():
     return FairseqLanguageModel(BigramDecoder(d, table)), d, (a, b, c), table
 
 
-def test_generative_perplexity_is_exact_on_a_bigram_model():
+def test_generative_perplexity_scores_all_but_the_first_token():
     model, d, (a, b, c), _ = bigram_model()
-    tokens = torch.tensor([[a, b], [c, c]])
-    # by hand: p(a|</s>) p(b|a) = 0.5 * 0.5;  p(c|</s>) p(c|c) = 0.25 * 0.6
-    nll = ar_sequence_nll(model, tokens, d.eos())
-    assert nll.tolist() == pytest.approx([-math.log(0.25), -math.log(0.15)], rel=1e-6)
-    g = generative_perplexity(model, tokens, d.eos(), batch_size=1)
-    assert g["ppl"] == pytest.approx((0.25 * 0.15) ** -0.25, rel=1e-6)
-    per_row = [-math.log(0.25) / 2, -math.log(0.15) / 2]
+    tokens = torch.tensor([[a, b, c], [c, c, a]])
+    # the first token is context only: p(b|a) p(c|b) = 0.5 / 3;  p(c|c) p(a|c) = 0.6 * 0.2
+    nll = ar_sequence_nll(model, tokens)
+    assert nll.tolist() == pytest.approx([-math.log(0.5 / 3), -math.log(0.12)], rel=1e-6)
+    g = generative_perplexity(model, tokens, batch_size=1)
+    assert g["ppl"] == pytest.approx((0.5 / 3 * 0.12) ** -0.25, rel=1e-6)
+    per_row = [-math.log(0.5 / 3) / 2, -math.log(0.12) / 2]
     se = abs(per_row[0] - per_row[1]) / 2          # sd of two values / sqrt(2)
     assert g["nll_se"] == pytest.approx(se, rel=1e-5)
     assert (g["sequences"], g["tokens"]) == (2, 4)
+    # with a bos every token is scored after it: p(a|</s>) p(b|a) p(c|b)
+    assert ar_sequence_nll(model, tokens[:1], d.eos()).item() == pytest.approx(
+        -math.log(0.5 * 0.5 / 3), rel=1e-6)
+
+
+def test_block_perplexity_reads_only_eos_before_each_block():
+    model, d, (a, b, c), _ = bigram_model()
+    stream = torch.tensor([a, b, c, c, a])
+    # blocks [a b] [c c] [a]: each read after </s>, never after the previous block's last
+    # token (p(c|b) = 1/3 would be read across the block boundary; p(c|</s>) = 0.25 is not)
+    by_hand = (0.5 * 0.5) * (0.25 * 0.6) * 0.5
+    r = ar_block_perplexity(model, stream, 2, d.eos(), batch_size=1)
+    assert (r["tokens"], r["blocks"]) == (5, 3)
+    assert r["nll"] == pytest.approx(-math.log(by_hand), rel=1e-6)
+    assert r["ppl"] == pytest.approx(by_hand ** -0.2, rel=1e-6)
 
 
 def test_ar_samples_follow_the_model_and_decode_incrementally():

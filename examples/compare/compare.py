@@ -328,8 +328,7 @@ def generation(loaded: Dict[str, tuple], args) -> Dict[str, object]:
                "scored_by": {}}
         for s in scorers:
             with torch.no_grad():
-                row["scored_by"][s] = generative_perplexity(loaded[s][0], tokens,
-                                                            dictionary.eos())
+                row["scored_by"][s] = generative_perplexity(loaded[s][0], tokens)
         rows.append(row)
     examples = {f"{source} {steps}": dictionary.string(tokens[0])
                 for source, steps, tokens, _, _ in sets if source != "test data"}
