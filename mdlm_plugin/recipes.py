@@ -4,9 +4,9 @@ the tests (one place for the task, criterion, architecture and sizing flags), an
 readers of what those CLIs log (``--log-format json``).
 
 A family is a row of ``FAMILIES``: its task, criterion, default architecture, whether it
-needs ``--user-dir``, how a ``Size`` becomes flags, and which CLI evaluates it. A later
-family (a block-diffusion ``mdlm`` with ``--block-size``, SEDD's ``--criterion sedd``) is
-one more row, or ``model_extra`` flags on an existing one.
+needs ``--user-dir``, how a ``Size`` becomes flags, and which CLI evaluates it. A
+``Variant`` (a row of the comparison) is a family plus model/criterion flags placed after
+the size flags: the ablations of ``VARIANTS``, and ``bd3_N`` (``--block-size N``).
 
 Pure command-line building: no fairseq import, so importing this module costs nothing
 and is not part of loading the plugin (``--user-dir`` does not import it).
@@ -16,7 +16,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 PLUGIN = os.path.dirname(os.path.abspath(__file__))
 
@@ -78,7 +78,36 @@ FAMILIES: Dict[str, Family] = {
                       _backbone_flags, "eval_lm"),
     "transformer_lm": Family("language_modeling", "cross_entropy", "transformer_lm", False,
                              _transformer_lm_flags, "eval_lm"),
+    "sedd": Family("masked_diffusion", "sedd", "mdlm_tiny", True, _backbone_flags, "validate"),
 }
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named model: a family, the flags that follow its size flags, and whether the
+    comparison samples from it (``--time-conditioning`` rules out the cached sampler)."""
+    family: str
+    flags: Tuple = ()
+    sampled: bool = True
+
+
+# the paper's ablations of MDLM (Sahoo et al. 2024, Table 8), trained with existing flags
+VARIANTS: Dict[str, Variant] = {
+    **{name: Variant(name) for name in FAMILIES},
+    "mdlm_discrete": Variant("mdlm", ("--discrete-steps", 1000), sampled=False),
+    "mdlm_iid": Variant("mdlm", ("--time-sampling", "iid"), sampled=False),
+    "mdlm_timecond": Variant("mdlm", ("--time-conditioning",), sampled=False),
+}
+
+
+def variant(name: str) -> Variant:
+    """A row of ``VARIANTS``, or ``bd3_N``: block diffusion with blocks of N tokens."""
+    m = re.fullmatch(r"bd3_([1-9][0-9]*)", name)
+    if m:
+        return Variant("mdlm", ("--block-size", int(m.group(1))))
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model {name!r}: choose from {', '.join(VARIANTS)}, bd3_N")
+    return VARIANTS[name]
 
 
 def family(name: str) -> Family:
@@ -99,17 +128,19 @@ def tool(name: str) -> List[str]:
 
 
 def model_flags(name: str, size: Optional[Size] = None, *, arch: Optional[str] = None,
-                dropout=None, model_extra: Sequence = (), user_dir: Optional[bool] = None) -> List:
+                dropout=None, model_extra: Sequence = (), after_size: Sequence = (),
+                user_dir: Optional[bool] = None) -> List:
     """Task, criterion, architecture and size flags of a family. ``size=None`` keeps the
     architecture's sizes (``dropout`` is still passed when given); ``model_extra`` comes
-    right after ``--arch``; ``user_dir`` forces ``--user-dir`` (e.g. for adamw_torch)."""
+    right after ``--arch``, ``after_size`` after the size flags; ``user_dir`` forces
+    ``--user-dir`` (e.g. for adamw_torch)."""
     f = family(name)
     flags = ["--user-dir", PLUGIN] if (f.plugin if user_dir is None else user_dir) else []
     flags += ["--task", f.task, "--criterion", f.criterion, "--arch", arch or f.arch,
               *model_extra]
     if size is not None:
-        return flags + f.size_flags(size, dropout)
-    return flags + (["--dropout", dropout] if dropout is not None else [])
+        return flags + f.size_flags(size, dropout) + list(after_size)
+    return flags + (["--dropout", dropout] if dropout is not None else []) + list(after_size)
 
 
 def data_flags(tokens_per_sample, batch_size) -> List:

@@ -3,6 +3,8 @@ sampler on a bigram model whose answers are known by hand, and the one-command
 comparison script end to end on a tiny budget."""
 import json
 import math
+import os
+import statistics
 import subprocess
 import sys
 
@@ -13,7 +15,7 @@ from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel
 
 from conftest import REPO
 from mdlm_plugin.generative_eval import (ar_block_perplexity, ar_samples, ar_sequence_nll,
-                                         generative_perplexity)
+                                         generative_perplexity, repeated_ngram_share)
 
 
 class BigramDecoder(FairseqIncrementalDecoder):
@@ -98,51 +100,105 @@ def test_ar_samples_follow_the_model_and_decode_incrementally():
                                      forbid=(d.unk(),)))
 
 
+def test_repeated_ngram_share_by_hand():
+    # 1 2 3 4 1 2 3 4: five 4-grams, one repeats (1 2 3 4): 1/5; 1 2 3 4 5 6 7 8: none
+    tokens = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 4], [1, 2, 3, 4, 5, 6, 7, 8]])
+    assert repeated_ngram_share(tokens) == pytest.approx(0.1)
+    assert repeated_ngram_share(torch.tensor([[5, 5, 5, 5, 5]]), n=2) == pytest.approx(0.75)
+
+
 def test_compare_script_end_to_end(ptb_tiny, tmp_path):
-    """Three models trained for the same tokens, evaluated, sampled and scored; the
-    table has every column filled and the plots are written."""
+    """Every row trained for the same tokens with 2 seeds, evaluated, sampled and scored:
+    every cell a mean with its spread over seeds, ratios paired by seed, the plots
+    written, finished runs reused."""
     out, work = tmp_path / "out", tmp_path / "work"
+    models = ("mdlm", "mdlm_ar", "transformer_lm", "mdlm_iid")
     cmd = [sys.executable, str(REPO / "examples" / "compare" / "compare.py"),
-           "--data", str(ptb_tiny), "--zero-shot", str(ptb_tiny), "--work-dir", str(work),
-           "--out", str(out), "--max-update", "4", "--validate-interval-updates", "2",
+           "--data", str(ptb_tiny), "--work-dir", str(work),
+           "--out", str(out), "--max-update", "2", "--validate-interval-updates", "1",
            "--batch-size", "8", "--tokens-per-sample", "32", "--layers", "1",
            "--embed-dim", "32", "--heads", "2", "--cond-dim", "16", "--warmup-updates", "2",
-           "--samples", "4", "--steps", "4,16", "--eval-passes", "2", "--sample-batch", "4",
-           "--threads", "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+           "--samples", "2", "--steps", "4", "16", "--eval-passes", "2", "--sample-batch", "2",
+           "--threads", "2", "--models", ",".join(models), "--seeds", "1", "2",
+           "--seeds-for", "transformer_lm=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
-    models = ("mdlm", "mdlm_ar", "transformer_lm")
     assert tuple(res["models"]) == models
-    # same tokens seen; every model scored every test token, on both corpora
-    assert {res["training"][m]["tokens_seen"] for m in models} == {4 * 8 * 32}
-    for part in (res["test"], res["zero_shot"]["by_model"]):
-        assert {part[m]["tokens"] for m in models} == {res["test_split_tokens"]}
-        assert part["mdlm"]["bound"] and part["mdlm"]["ppl_se"] > 0
+    runs = res["runs"]
+    for m in models:
+        seeds = [1] if m == "transformer_lm" else [1, 2]
+        assert [r["training"]["seed"] for r in runs[m]] == seeds
+        # seed 1 keeps the run directory of a single-seed comparison
+        assert [os.path.basename(os.path.dirname(r["training"]["checkpoint"]))
+                for r in runs[m]] == [m, f"{m}_seed2"][:len(seeds)]
+        for r in runs[m]:
+            assert r["training"]["tokens_seen"] == 2 * 8 * 32
+            assert [u for u, _ in r["training"]["valid_curve"]] == [1, 2]
+            # every test token scored, by both AR scorers
+            for part in ("test", "test_eos_only"):
+                assert part not in r or r[part]["tokens"] == res["test_split_tokens"]
+    assert runs["mdlm"][0]["test"]["bound"] and runs["mdlm"][0]["test"]["ppl_se"] > 0
+    assert "--time-sampling iid" in " ".join(runs["mdlm_iid"][0]["training"]["command"])
+    # the two seeds trained different models
+    assert runs["mdlm_ar"][0]["test"]["ppl"] != runs["mdlm_ar"][1]["test"]["ppl"]
     for a in ("mdlm_ar", "transformer_lm"):
-        assert res["ratios"][a] == pytest.approx(res["test"]["mdlm"]["ppl"] / res["test"][a]["ppl"])
-        # the validation curve has a point per interval
-        assert [u for u, _ in res["training"][a]["valid_curve"]] == [2, 4]
-    rows = res["generation"]["rows"]
-    assert [(r["source"], r["steps"]) for r in rows] == [
-        ("test data", None), ("mdlm (ddpm_cache)", 4), ("mdlm (ddpm_cache)", 16),
-        ("mdlm_ar", 32), ("transformer_lm", 32)]
-    for r in rows:
-        assert set(r["scored_by"]) == {"mdlm_ar", "transformer_lm"}
-        assert all(math.isfinite(s["ppl"]) and s["ppl"] > 1 for s in r["scored_by"].values())
-        assert 0 < r["entropy"] <= math.log(32)
-    # every table cell filled: only the data row has no steps / seconds
+        # eval-lm reads the previous block's last token: a different value than </s> only
+        assert all(r["test_eos_only"]["ppl"] != r["test"]["ppl"] for r in runs[a])
+    check_samples(res["generation"]["rows"])
     md = (out / "results.md").read_text()
-    for line in md.splitlines():
-        if line.startswith("| ") and "---" not in line:
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            assert all(cells), line
-            assert not any(c in ("None", "nan", "inf") for c in cells), line
-            if not line.startswith("| test data"):
-                assert "-" not in cells, line
+    check_cells(md)
+    # a row's ratio to MDLM: paired by seed, mean ± sd over the pairs
+    r = [a["test"]["ppl"] / b["test"]["ppl"] for a, b in zip(runs["mdlm_iid"], runs["mdlm"])]
+    iid = [line for line in md.splitlines() if line.startswith("| mdlm_iid |")][0]
+    assert iid.endswith(f"| {statistics.fmean(r):.3f} ± {statistics.stdev(r):.3f} |")
+    assert "| transformer_lm | 1 * |" in md      # fewer seeds, marked
     for png in ("valid_ppl.png", "gen_ppl.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    # the same command again reuses the finished training runs
-    proc = subprocess.run(cmd + ["--models", "mdlm_ar"], capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0 and "mdlm_ar: trained already" in proc.stdout, proc.stdout[-2000:]
+    check_reuse_and_zero_shot(cmd, res, tmp_path / "out2", ptb_tiny)
+
+
+def check_reuse_and_zero_shot(cmd, res, out2, data):
+    """The same command again reuses finished runs (seed 2: its own directory); zero-shot
+    scores every token of the other corpus, a bound for MDLM."""
+    again = cmd[:cmd.index("--models")] + ["--models", "mdlm,mdlm_ar", "--seeds", "2",
+                                           "--zero-shot", str(data), "--out", str(out2)]
+    proc = subprocess.run(again, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "mdlm seed 2: trained already" in proc.stdout
+    assert "mdlm_ar seed 2: trained already" in proc.stdout
+    res2 = json.loads((out2 / "results.json").read_text())
+    for m in ("mdlm", "mdlm_ar"):
+        z = res2["runs"][m][0]["zero_shot"]
+        assert z["tokens"] == res["test_split_tokens"] and z["bound"] == (m == "mdlm")
+        assert res2["runs"][m][0]["test"]["ppl"] == res["runs"][m][1]["test"]["ppl"]
+    check_cells((out2 / "results.md").read_text())
+
+
+def check_samples(rows):
+    """Every sample set of every seed scored by both judges, with its diversity and cost."""
+    assert [(r["source"], r["sampler"], r["steps"]) for r in rows] == [
+        ("test data", None, None), ("mdlm", "ddpm_cache", 4), ("mdlm", "ddpm_cache", 16),
+        ("mdlm_ar", "ancestral", 32), ("transformer_lm", "ancestral", 32)]
+    for r in rows[1:]:
+        assert [x["seed"] for x in r["by_seed"]] == ([1] if r["source"] == "transformer_lm"
+                                                     else [1, 2])
+        for x in r["by_seed"]:
+            assert set(x["gen_ppl"]) == {"mdlm_ar", "transformer_lm"}
+            assert all(math.isfinite(p) and p > 1 for p in x["gen_ppl"].values())
+            assert 0 < x["entropy"] <= math.log(32) and 0 <= x["repetition"] < 1
+            assert 0 < x["calls_per_sample"] <= (32 if r["sampler"] == "ancestral" else r["steps"])
+
+
+def check_cells(md):
+    """Every table cell filled; every measured value of a trained row a mean ± spread
+    over seeds, or marked as one seed."""
+    for line in md.splitlines():
+        if line.startswith("| ") and "---" not in line and not line.startswith(
+                ("| model |", "| samples from")):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            assert all(cells) and not any(c in ("None", "nan", "inf") for c in cells), line
+            if not line.startswith("| test data"):
+                for c in cells[1:]:
+                    if c[-1:].isdigit() and "." in c:
+                        assert " ± " in c or c.endswith("(1 seed)"), (c, line)

@@ -1,42 +1,36 @@
 #!/usr/bin/env python
-"""MDLM vs autoregressive baselines on one corpus, trained the same way, one command.
+"""MDLM vs autoregressive baselines and diffusion variants on one corpus, one command.
 
-    python examples/compare/compare.py --corpus ptb            # PTB, in-domain
-    python examples/compare/compare.py --corpus sotu           # SOTU, + zero-shot on PTB test
+    python examples/compare/compare.py --corpus ptb --seeds 1 2 3
+    python examples/compare/compare.py --corpus sotu           # + zero-shot on PTB test
 
-Three models (``mdlm``, ``mdlm_ar``: MDLM's backbone with causal attention, fairseq's
-``transformer_lm`` of the same depth, width and heads) are trained by fairseq-train on the
-same data for the same updates of the same batch, with the same optimizer, schedule,
-dropout, window and seed (command lines: ``mdlm_plugin.recipes``), then evaluated on the
-last checkpoint: test perplexity (AR: fairseq-eval-lm, exact; MDLM: fairseq-validate
---eval-passes K, the bound and its standard error), the same zero-shot on a corpus never
-trained on (--zero-shot), generative perplexity of unconditional samples (MDLM at each of
---steps, each AR model ancestral) scored by both AR models with their unigram entropy,
-and training throughput. See examples/compare/README.md.
-
-Outputs in --out: results.md, results.json, valid_ppl.png, gen_ppl.png. Checkpoints and
-logs go to --work-dir; the same command again reuses finished training runs and resumes
-interrupted ones (fairseq's checkpoint_last). --report-only re-renders from results.json.
+Every row (``--models``, ``--block-sizes``: rows of ``mdlm_plugin.recipes.VARIANTS``) is
+trained by fairseq-train on the same data, updates, batch, optimizer, schedule and window,
+once per seed, then evaluated on its last checkpoint: test perplexity (the bound and its SE
+for diffusion rows; AR rows both by fairseq-eval-lm and with only </s> before each block),
+zero-shot (--zero-shot), samples from every sampler at every step budget scored by the AR
+models, and training throughput. Cells are means over seeds with the sd over seeds.
+Outputs in --out: results.md, results.json, valid_ppl.png, gen_ppl.png; runs in --work-dir
+are reused when finished and resumed when interrupted. See examples/compare/README.md.
 """
 import argparse
 import datetime
 import json
-import math
 import os
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)     # this checkout's mdlm_plugin, installed or not
 from mdlm_plugin import recipes, reporting  # noqa: E402
 from mdlm_plugin.reporting import COLOURS, md_table  # noqa: E402
 
-MODELS = ("mdlm", "mdlm_ar", "transformer_lm")
-AR_MODELS = ("mdlm_ar", "transformer_lm")
+MODELS = ("mdlm", "mdlm_ar", "transformer_lm")     # the default rows
 # published numbers, for scale (Sahoo et al. 2024, Table 1: LM1B test perplexity, 110M
 # parameters; MDLM is a bound)
 PAPER = [("LM1B, 33B tokens", 27.04, 22.32), ("LM1B, 327B tokens", 23.00, 20.86)]
@@ -48,42 +42,37 @@ class CompareError(SystemExit):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--corpus", choices=("ptb", "sotu"), default="ptb",
-                   help="prepared with examples/<corpus>/prepare.sh when --data is missing")
-    p.add_argument("--data", help="fairseq-preprocess --only-source directory "
-                                  "(default data-bin/<corpus>)")
-    p.add_argument("--zero-shot", metavar="DIR",
-                   help="a data directory with the same dict.txt and a 'test' split, scored "
-                        "zero-shot (default for sotu: <data>/ptb-test; none for ptb)")
-    p.add_argument("--work-dir", help="checkpoints and logs (default checkpoints/compare_<corpus>)")
-    p.add_argument("--out", help="tables and plots (default examples/compare/results/<corpus>)")
-    p.add_argument("--models", default=",".join(MODELS),
-                   help="comma-separated subset of " + ", ".join(MODELS))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--corpus", choices=("ptb", "sotu"), default="ptb")
+    p.add_argument("--data", help="binarized data (default data-bin/<corpus>, prepared if missing)")
+    p.add_argument("--zero-shot", metavar="DIR", help="a test split with the same dict.txt, "
+                   "scored zero-shot (default for sotu: <data>/ptb-test)")
+    p.add_argument("--work-dir", help="runs (default checkpoints/compare_<corpus>)")
+    p.add_argument("--out", help="results (default examples/compare/results/<corpus>)")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated rows: "
+                   + ", ".join(recipes.VARIANTS) + ", bd3_N (block diffusion)")
+    p.add_argument("--block-sizes", type=int, nargs="*", default=[], help="adds a row bd3_N each")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1], help="training seeds")
+    p.add_argument("--seeds-for", nargs="*", default=[], metavar="MODEL=N",
+                   help="train MODEL with the first N of --seeds only (marked in the tables)")
     g = p.add_argument_group("training (the same for every model)")
     for flag, kind, default in (("--max-update", int, 600), ("--batch-size", int, 32),
                                 ("--tokens-per-sample", int, 128), ("--layers", int, 4),
                                 ("--embed-dim", int, 256), ("--heads", int, 4),
-                                ("--dropout", float, 0.1), ("--lr", float, 1e-3),
-                                ("--warmup-updates", int, 100), ("--seed", int, 1)):
+                                ("--cond-dim", int, 128), ("--dropout", float, 0.1),
+                                ("--lr", float, 1e-3), ("--warmup-updates", int, 100),
+                                ("--validate-interval-updates", int, 100),
+                                ("--threads", int, 0)):
         g.add_argument(flag, type=kind, default=default)
-    g.add_argument("--cond-dim", type=int, default=128, help="MDLM backbone's adaLN width")
-    g.add_argument("--validate-interval-updates", type=int, default=100,
-                   help="validation points of the curve (and checkpoint interval)")
-    g.add_argument("--threads", type=int, default=0,
-                   help="torch threads per process (0: torch's default)")
-    g.add_argument("--extra-train-args", default="",
-                   help="more fairseq-train flags for every model, e.g. '--fp16'")
+    g.add_argument("--extra-train-args", default="", help="more fairseq-train flags, e.g. '--fp16'")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--eval-passes", type=int, default=4, help="MDLM bound: Monte-Carlo passes")
-    e.add_argument("--samples", type=int, default=16, help="samples per model and step count")
-    e.add_argument("--steps", default="16,64,256,1000", help="MDLM sampling steps")
-    e.add_argument("--sampler", default="ddpm_cache", choices=("ddpm", "ddpm_cache", "analytic"))
+    e.add_argument("--eval-passes", type=int, default=4, help="Monte-Carlo passes of a bound")
+    e.add_argument("--samples", type=int, default=16, help="per model, sampler and budget")
+    e.add_argument("--steps", type=int, nargs="+", default=[16, 64, 256, 1000])
+    e.add_argument("--samplers", nargs="+", default=["ddpm_cache"])
     e.add_argument("--sample-batch", type=int, default=16)
-    p.add_argument("--report-only", action="store_true",
-                   help="only rewrite results.md and the plots from --out/results.json")
+    p.add_argument("--report-only", action="store_true", help="re-render from results.json")
     return p
 
 
@@ -91,27 +80,41 @@ def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    bad = [m for m in args.models if m not in MODELS]
-    if bad or not args.models:
-        p.error(f"--models: unknown {bad}; choose from {', '.join(MODELS)}")
+    args.models += [f"bd3_{n}" for n in args.block_sizes if f"bd3_{n}" not in args.models]
+    from mdlm_plugin.diffusion.samplers import SAMPLERS
     try:
-        args.steps = [int(s) for s in args.steps.split(",")]
-    except ValueError:
-        p.error(f"--steps must be comma-separated integers, got {args.steps!r}")
-    if any(s <= 0 for s in args.steps):
-        p.error("--steps must be positive")
-    for name in ("max_update", "batch_size", "tokens_per_sample", "eval_passes", "samples",
+        for m in args.models or p.error("--models is empty"):
+            recipes.variant(m)
+        args.seeds_for = {m: int(n) for m, n in (kv.split("=") for kv in args.seeds_for)}
+    except ValueError as err:
+        p.error(f"--models / --seeds-for: {err}")
+    if any(m not in args.models or not 1 <= n <= len(args.seeds)
+           for m, n in args.seeds_for.items()):
+        p.error(f"--seeds-for: MODEL=N with MODEL in --models, 1 <= N <= {len(args.seeds)}")
+    if len(set(args.seeds)) < len(args.seeds) or min(args.seeds) < 1:
+        p.error("--seeds must be distinct positive integers")
+    if set(args.samplers) - set(SAMPLERS):
+        p.error(f"--samplers: choose from {', '.join(SAMPLERS)}")
+    for name in ("max_update", "batch_size", "tokens_per_sample", "samples",
                  "validate_interval_updates", "sample_batch"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
-    if args.eval_passes < 2:
-        p.error("--eval-passes must be >= 2 to report a standard error")
+    if min(args.steps) <= 0 or args.eval_passes < 2:
+        p.error("--steps must be positive and --eval-passes >= 2 (for a standard error)")
     args.data = args.data or os.path.join("data-bin", args.corpus)
     if args.zero_shot is None and args.corpus == "sotu":
         args.zero_shot = os.path.join(args.data, "ptb-test")
     args.work_dir = args.work_dir or os.path.join("checkpoints", f"compare_{args.corpus}")
     args.out = args.out or os.path.join(REPO, "examples", "compare", "results", args.corpus)
     return args
+
+
+def seeds_of(model: str, args) -> List[int]:
+    return args.seeds[:args.seeds_for.get(model, len(args.seeds))]
+
+
+def evaluator(model: str) -> str:
+    return recipes.family(recipes.variant(model).family).evaluator
 
 
 # --------------------------------------------------------------------------- helpers
@@ -151,41 +154,47 @@ def prepare_data(args) -> None:
         cmd = ["bash", os.path.join(REPO, "examples", "sotu", "prepare.sh"), args.data,
                "--encode-ptb-test"]
     else:
-        missing = args.data if not os.path.isfile(os.path.join(args.data, "dict.txt")) \
-            else os.path.join(args.zero_shot, "test.idx")
-        raise CompareError(f"{missing} not found: prepare that data first")
+        raise CompareError(f"{args.data} or {args.zero_shot} is not prepared: prepare it first")
     print(f"preparing {args.corpus}: $ {shlex.join(cmd)}", flush=True)
     if subprocess.run(cmd).returncode != 0:
         raise CompareError(f"data preparation failed: {shlex.join(cmd)}")
 
 
-def split_tokens(data_dir: str, split: str) -> int:
-    from fairseq.data import data_utils
-    ds = data_utils.load_indexed_dataset(os.path.join(data_dir, split), None)
-    if ds is None:
-        raise CompareError(f"no '{split}' split in {data_dir}")
-    return int(ds.sizes.sum())
+def word_tokens(data_dir: str) -> Optional[int]:
+    """Words + lines of a split, when its prepare.json says (PTB's usual token count)."""
+    path = os.path.join(data_dir, "prepare.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            meta = json.load(f)
+        if meta.get("words") and meta.get("lines"):
+            return meta["words"] + meta["lines"]
+    return None
 
 
 # --------------------------------------------------------------------------- training
 
-def train_command(model: str, args, save_dir: str) -> List[str]:
-    """The recipe of every model: the same window, batch, optimizer, schedule, seed."""
-    v = args.validate_interval_updates
+def run_dir(model: str, seed: int, args) -> str:
+    """Seed 1 keeps the run directory runs had before seeds existed."""
+    return os.path.join(args.work_dir, model if seed == 1 else f"{model}_seed{seed}")
+
+
+def train_command(model: str, args, save_dir: str, seed: int = 1) -> List[str]:
+    """The recipe of every row: the same window, batch, optimizer, schedule; its seed."""
+    v, w = recipes.variant(model), args.validate_interval_updates
     size = recipes.Size(args.layers, args.embed_dim, args.heads, cond_dim=args.cond_dim,
                         max_positions=max(512, args.tokens_per_sample))
     protocol = recipes.data_flags(args.tokens_per_sample, args.batch_size) + [
         "--required-batch-size-multiple", 1,
         *recipes.adam_inverse_sqrt(args.lr, min(args.warmup_updates, args.max_update)),
-        "--max-update", args.max_update, "--validate-interval-updates", v,
-        "--save-interval-updates", v, "--keep-interval-updates", 1, "--no-epoch-checkpoints",
+        "--max-update", args.max_update, "--validate-interval-updates", w,
+        "--save-interval-updates", w, "--keep-interval-updates", 1, "--no-epoch-checkpoints",
         "--save-dir", save_dir, "--log-format", "json",
-        "--log-interval", max(1, min(25, args.max_update // 4)), "--seed", args.seed,
+        "--log-interval", max(1, min(25, args.max_update // 4)), "--seed", seed,
         "--num-workers", 0]
     return recipes.train_command(
-        model, args.data, protocol, size=size, dropout=args.dropout, device=device(),
-        model_extra=["--eval-passes", 1] if model == "mdlm" else [],
-        overrides=shlex.split(args.extra_train_args))
+        v.family, args.data, protocol, size=size, dropout=args.dropout, device=device(),
+        model_extra=["--eval-passes", 1] if evaluator(model) == "validate" else [],
+        after_size=v.flags, overrides=shlex.split(args.extra_train_args))
 
 
 def without_log_format(cmd: List[str]) -> List[str]:
@@ -195,42 +204,39 @@ def without_log_format(cmd: List[str]) -> List[str]:
 
 
 def read_train_log(text: str) -> Dict[str, object]:
-    """The validation curve (updates, ppl) and the words/s of each log interval."""
+    """The validation curve (updates, ppl) and the median words/s of the log intervals."""
     curve = {}
     for r in map(recipes.numbers, recipes.json_records(text, "valid")):
         if "valid_num_updates" in r and "valid_ppl" in r:
             curve[int(r["valid_num_updates"])] = r["valid_ppl"]
-    wps = [r["wps"] for r in map(recipes.numbers, recipes.json_records(text, "train_inner"))
-           if "wps" in r]
-    return {"valid_curve": sorted(curve.items()), "wps_values": wps}
+    wps = sorted(r["wps"] for r in map(recipes.numbers, recipes.json_records(text, "train_inner"))
+                 if "wps" in r)
+    return {"valid_curve": sorted(curve.items()), "train_wps_median": wps[len(wps) // 2]
+            if wps else None}
 
 
-def train(model: str, args) -> Dict[str, object]:
-    save_dir = os.path.join(args.work_dir, model)
+def train(model: str, seed: int, args) -> Dict[str, object]:
+    save_dir = run_dir(model, seed, args)
     os.makedirs(save_dir, exist_ok=True)
     done_file = os.path.join(save_dir, "train_done.json")
-    cmd = train_command(model, args, save_dir)
+    cmd = train_command(model, args, save_dir, seed)
     if os.path.isfile(done_file):
         with open(done_file) as f:
             done = json.load(f)
         if without_log_format(done.get("command") or []) == without_log_format(cmd):
-            print(f"{model}: trained already ({done_file})", flush=True)
+            print(f"{model} seed {seed}: trained already ({done_file})", flush=True)
             return done
-    print(f"{model}: training {args.max_update} updates", flush=True)
+    print(f"{model} seed {seed}: training {args.max_update} updates", flush=True)
     log = os.path.join(save_dir, "train.log")
     resumed = os.path.isfile(os.path.join(save_dir, "checkpoint_last.pt"))
-    timing = run(cmd, log, args, f"training {model}")
+    timing = run(cmd, log, args, f"training {model} seed {seed}")
     with open(log) as f:
         parsed = read_train_log(f.read())
     tokens = args.max_update * args.batch_size * args.tokens_per_sample
-    wps = sorted(parsed["wps_values"])
-    result = {
-        "model": model, "command": cmd, "checkpoint": os.path.join(save_dir, "checkpoint_last.pt"),
-        "tokens_seen": tokens, "valid_curve": parsed["valid_curve"],
-        "train_wps_median": wps[len(wps) // 2] if wps else None,
-        "resumed": resumed, **timing,
-        "tokens_per_cpu_s": None if resumed else tokens / max(timing["cpu_s"], 1e-9),
-    }
+    result = {"model": model, "seed": seed, "command": cmd, "tokens_seen": tokens,
+              "checkpoint": os.path.join(save_dir, "checkpoint_last.pt"), **parsed,
+              "resumed": resumed, **timing,
+              "tokens_per_cpu_s": None if resumed else tokens / max(timing["cpu_s"], 1e-9)}
     if not os.path.isfile(result["checkpoint"]):
         raise CompareError(f"training {model} wrote no {result['checkpoint']}; see {log}")
     with open(done_file, "w") as f:
@@ -241,137 +247,150 @@ def train(model: str, args) -> Dict[str, object]:
 # --------------------------------------------------------------------------- evaluation
 
 def evaluate(model: str, ckpt: str, data_dir: str, args, tag: str) -> Dict[str, object]:
-    """Test perplexity of ``ckpt`` on ``data_dir``'s test split."""
-    log = os.path.join(args.work_dir, model, f"eval_{tag}.log")
+    """Test perplexity of ``ckpt`` on ``data_dir``'s test split: the bound and its SE
+    (fairseq-validate) or the exact AR value (fairseq-eval-lm); exact token counts."""
+    log = os.path.join(os.path.dirname(ckpt), f"eval_{tag}.log")
     if os.path.exists(log):
         os.remove(log)
-    cmd = recipes.eval_command(model, data_dir, ckpt, batch_size=args.batch_size,
-                               tokens_per_sample=args.tokens_per_sample,
-                               eval_passes=args.eval_passes, device=device())
+    cmd = recipes.eval_command(recipes.variant(model).family, data_dir, ckpt,
+                               batch_size=args.batch_size, eval_passes=args.eval_passes,
+                               tokens_per_sample=args.tokens_per_sample, device=device())
     run(cmd, log, args, f"evaluation of {model} on {data_dir}")
     with open(log) as f:
         text = f.read()
-    if recipes.family(model).evaluator == "validate":
+    if evaluator(model) == "validate":
         records = recipes.json_records(text, "test")
         if not records:
             raise CompareError(f"no test result in {log}")
         r = recipes.numbers(records[-1])
-        return {"ppl": r["test_ppl"], "ppl_se": r.get("test_ppl_se"), "bits": r["test_loss"],
-                "bits_se": r.get("test_bound_se"), "bound": True,
-                "tokens": int(r["test_scored_tokens"]), "command": cmd}
-    r = recipes.eval_lm_result(text)
-    if r is None:
-        raise CompareError(f"no result in {log}")
-    return {"ppl": r["ppl"], "ppl_se": 0.0, "bits": r["bits"], "bits_se": 0.0,
-            "bound": False, "tokens": r["tokens"], "command": cmd}
+        out = {"ppl": r["test_ppl"], "ppl_se": r.get("test_ppl_se"), "bits": r["test_loss"],
+               "bound": True, "tokens": int(r["test_scored_tokens"])}
+    else:
+        r = recipes.eval_lm_result(text)
+        if r is None:
+            raise CompareError(f"no result in {log}")
+        out = {"ppl": r["ppl"], "ppl_se": None, "bits": r["bits"], "bound": False,
+               "tokens": r["tokens"]}
+    words = word_tokens(data_dir)
+    if words:      # the same total NLL, spread over words
+        out["word_ppl"] = 2 ** (out["bits"] * out["tokens"] / words)
+    return {**out, "command": cmd}
 
 
-def zero_shot(trained: Dict, ratios_to: List[str], args) -> Dict[str, object]:
-    """Every model on --zero-shot's test split; per word too when its prepare.json says
-    how many words (and lines) it holds."""
-    print(f"zero-shot on {args.zero_shot}", flush=True)
-    by_model = {m: evaluate(m, trained[m]["checkpoint"], args.zero_shot, args, "zero_shot")
-                for m in args.models}
-    z = {"data": args.zero_shot, "by_model": by_model}
-    meta_path = os.path.join(args.zero_shot, "prepare.json")
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("words") and meta.get("lines"):
-            z["word_tokens"] = meta["words"] + meta["lines"]
-            for e in by_model.values():   # total NLL is the same; spread over words
-                e["word_ppl"] = 2 ** (e["bits"] * e["tokens"] / z["word_tokens"])
-    z["ratios"] = {a: by_model["mdlm"]["ppl"] / by_model[a]["ppl"] for a in ratios_to} \
-        if "mdlm" in by_model else {}
-    return z
-
-
-def sample_sets(loaded: Dict[str, tuple], scorers: List[str], dictionary, args) -> List[tuple]:
-    """(source, steps, tokens, seconds, network calls): test blocks, MDLM at each of
-    --steps, each AR model ancestral."""
-    from mdlm_plugin.generative_eval import ar_samples, data_blocks, mdlm_samples
-    L, n = args.tokens_per_sample, args.samples
-    sets = [("test data", None, data_blocks(args.data, "test", L, n), None, None)]
-    if "mdlm" in loaded:
-        model, task, _ = loaded["mdlm"]
-        for steps in args.steps:
-            start = time.perf_counter()
-            tokens, st = mdlm_samples(task, model, n, L, steps, args.sampler, args.seed,
-                                      args.sample_batch)
-            sets.append((f"mdlm ({args.sampler})", steps, tokens,
-                         time.perf_counter() - start, st["network_calls"]))
-            print(f"  mdlm {steps} steps: {sets[-1][3]:.1f} s", flush=True)
-    forbid = (dictionary.pad(), dictionary.bos())
-    for m in scorers:
-        start = time.perf_counter()
-        tokens = ar_samples(loaded[m][0], n, L, dictionary.eos(), args.seed, args.sample_batch,
-                            forbid=forbid)
-        sets.append((m, L, tokens, time.perf_counter() - start,
-                     L * math.ceil(n / args.sample_batch)))
-        print(f"  {m} ancestral: {sets[-1][3]:.1f} s", flush=True)
-    return sets
-
-
-def generation(loaded: Dict[str, tuple], args) -> Dict[str, object]:
-    """Samples from every model, each scored by every AR model; entropies.
-    ``loaded``: model name -> (model, task, facts) from load_checkpoint."""
+def score(tokens, judges: Dict[str, object]) -> Dict[str, object]:
+    """A sample set under every AR judge, its unigram entropy and repeated 4-grams."""
     import torch
     from mdlm_plugin.diffusion.samplers import unigram_entropy
-    from mdlm_plugin.generative_eval import generative_perplexity
-    scorers = [m for m in AR_MODELS if m in loaded]
-    dictionary = loaded[scorers[0]][1].source_dictionary     # the AR dictionary (no <mask>)
-    sets = sample_sets(loaded, scorers, dictionary, args)
-    rows = []
-    for source, steps, tokens, seconds, calls in sets:
-        row = {"source": source, "steps": steps, "samples": int(tokens.size(0)),
-               "entropy": unigram_entropy(tokens), "seconds": seconds, "network_calls": calls,
-               "scored_by": {}}
-        for s in scorers:
-            with torch.no_grad():
-                row["scored_by"][s] = generative_perplexity(loaded[s][0], tokens)
-        rows.append(row)
-    examples = {f"{source} {steps}": dictionary.string(tokens[0])
-                for source, steps, tokens, _, _ in sets if source != "test data"}
-    g = {"rows": rows, "scorers": scorers, "length": args.tokens_per_sample,
-         "examples": examples}
-    g["targets"] = gen_targets(g)
-    return g
+    from mdlm_plugin.generative_eval import generative_perplexity, repeated_ngram_share
+    with torch.no_grad():
+        by = {j: generative_perplexity(m, tokens) for j, m in judges.items()}
+    return {"gen_ppl": {j: g["ppl"] for j, g in by.items()},
+            "gen_ppl_se": {j: g["ppl_se"] for j, g in by.items()},
+            "entropy": unigram_entropy(tokens), "repetition": repeated_ngram_share(tokens)}
 
 
-def gen_targets(g: Dict) -> List[str]:
-    """The issue's target read off the table: MDLM at its largest step count vs each AR's
-    own samples, under the same scorer."""
-    md = [r for r in g["rows"] if r["source"].startswith("mdlm (")]
-    if not md:
-        return []
-    top = max(md, key=lambda r: r["steps"])
-    lines = []
-    for r in g["rows"]:
-        if r["source"] in AR_MODELS:
-            for s in g["scorers"]:
-                ratio = top["scored_by"][s]["ppl"] / r["scored_by"][s]["ppl"]
-                lines.append(f"scored by {s}: MDLM at {top['steps']} steps / {r['source']} "
-                             f"samples = {ratio:.2f} (target <= 1.5); entropy "
-                             f"{top['entropy']:.3f} vs {r['entropy']:.3f} "
-                             f"({100 * (top['entropy'] / r['entropy'] - 1):+.1f}%, "
-                             "target within 5%)")
-    return lines
+def sample_sets(model: str, seed: int, loaded: tuple, dictionary, args):
+    """(sampler, steps, tokens, seconds, network calls per sample) of one run: every
+    sampler at every budget for a diffusion row, ancestral sampling for an AR row."""
+    from mdlm_plugin.generative_eval import ar_samples, mdlm_samples
+    net, task, _ = loaded
+    L, n = args.tokens_per_sample, args.samples
+    if evaluator(model) == "eval_lm":
+        start = time.perf_counter()
+        tokens = ar_samples(net, n, L, dictionary.eos(), seed, args.sample_batch,
+                            forbid=(dictionary.pad(), dictionary.bos()))
+        yield "ancestral", L, tokens, time.perf_counter() - start, L
+    elif recipes.variant(model).sampled:
+        for sampler in args.samplers:
+            for steps in args.steps:
+                start = time.perf_counter()
+                tokens, st = mdlm_samples(task, net, n, L, steps, sampler, seed,
+                                          args.sample_batch)
+                yield sampler, steps, tokens, time.perf_counter() - start, st["row_calls"] / n
+
+
+def evaluate_run(model: str, tr: Dict, judges: Dict, refs: Dict, args) -> Dict[str, object]:
+    """Everything measured on one trained run; samples go into ``refs["rows"]``."""
+    from mdlm_plugin.generative_eval import ar_block_perplexity, load_checkpoint
+    ckpt, seed = tr["checkpoint"], tr["seed"]
+    out = {"test": evaluate(model, ckpt, args.data, args, "test")}
+    if args.zero_shot:
+        out["zero_shot"] = evaluate(model, ckpt, args.zero_shot, args, "zero_shot")
+    loaded = load_checkpoint(ckpt, args.data, {"tokens_per_sample": args.tokens_per_sample})
+    out["params"] = loaded[2]["params"]
+    if evaluator(model) == "eval_lm":      # only </s> before each block, as MDLM sees it
+        out["test_eos_only"] = ar_block_perplexity(
+            loaded[0], refs["stream"], args.tokens_per_sample, refs["dictionary"].eos())
+    for sampler, steps, tokens, seconds, calls in (
+            sample_sets(model, seed, loaded, refs["dictionary"], args) if judges else ()):
+        print(f"  {model} seed {seed} {sampler} {steps}: {seconds:.1f} s", flush=True)
+        row = refs["rows"].setdefault(f"{model} {sampler} {steps}", {
+            "source": model, "sampler": sampler, "steps": steps, "by_seed": [],
+            "example": refs["dictionary"].string(tokens[0])})
+        row["by_seed"].append({"seed": seed, "seconds_per_sample": seconds / len(tokens),
+                               "calls_per_sample": calls, **score(tokens, judges)})
+    return out
+
+
+def evaluate_all(res: Dict, args) -> None:
+    """Test perplexities, zero-shot, samples of every run, into ``res["runs"]``; the AR
+    judges of the samples are the AR rows' first seeds."""
+    import torch
+    from mdlm_plugin.generative_eval import data_blocks, load_checkpoint, split_stream
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ars = [m for m in args.models if evaluator(m) == "eval_lm"]
+    load = {"tokens_per_sample": args.tokens_per_sample}
+    judges = {a: load_checkpoint(res["runs"][a][0]["training"]["checkpoint"], args.data, load)
+              for a in ars}
+    refs = {"stream": split_stream(args.data, "test"), "rows": {}, "dictionary": next(
+        iter(judges.values()))[1].source_dictionary if judges else None}
+    judges = {a: j[0] for a, j in judges.items()}
+    if judges:
+        blocks = data_blocks(args.data, "test", args.tokens_per_sample, args.samples)
+        refs["rows"]["test data"] = {"source": "test data", "sampler": None, "steps": None,
+                                     "by_seed": [score(blocks, judges)], "example": None}
+    for m in args.models:
+        for r in res["runs"][m]:
+            print(f"evaluating {m} seed {r['training']['seed']}", flush=True)
+            r.update(evaluate_run(m, r["training"], judges, refs, args))
+    res["test_split_tokens"] = int(refs["stream"].numel())
+    res["generation"] = {"rows": list(refs["rows"].values()), "judges": list(judges)}
 
 
 # --------------------------------------------------------------------------- report
 
-def fmt(x, spec=".1f") -> str:
-    return reporting.fmt(x, spec, missing="-")
+def mean_sd(values: List[float], spec: str = ".1f") -> str:
+    """``mean ± sd`` over seeds (``(1 seed)`` where there is only one)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    m = format(statistics.fmean(values), spec)
+    return f"{m} ± {statistics.stdev(values):{spec}}" if len(values) > 1 else f"{m} (1 seed)"
 
 
-def bound_cells(e: Dict, key: str = "ppl") -> List[str]:
-    """``<= ppl`` and its SE for MDLM's bound; the exact value and ``exact`` otherwise."""
-    return [("<= " if e["bound"] else "") + fmt(e[key], ".2f"),
-            fmt(e["ppl_se"], ".2f") if e["bound"] else "exact"]
+def per_seed(res: Dict, model: str, get) -> Dict[int, float]:
+    return {r["training"]["seed"]: get(r) for r in res["runs"].get(model, [])}
+
+
+def ratio_cell(res: Dict, a: str, get_a, b: str, get_b) -> str:
+    """a / b paired by seed (the seeds both have), mean ± sd over the pairs."""
+    xa, xb = per_seed(res, a, get_a), per_seed(res, b, get_b)
+    return mean_sd([xa[s] / xb[s] for s in xa if s in xb and xa[s] and xb[s]], ".3f")
+
+
+def test_ppl(r: Dict) -> float:
+    """The row's test perplexity on an equal footing: a bound, or AR with </s> only."""
+    return (r.get("test_eos_only") or r["test"])["ppl"]
+
+
+def seeds_cell(res: Dict, m: str, args) -> str:
+    n = len(res["runs"][m])
+    return str(n) + (" *" if n < len(args.seeds) else "")
 
 
 def header_section(res: Dict, args) -> List[str]:
-    t = res["training"][res["models"][0]]
+    t = res["runs"][res["models"][0]][0]["training"]
     return [f"# MDLM vs autoregressive baselines: {args.corpus}", "",
             f"Command: `{res['command']}`  ", f"Machine: {res['machine']}  ",
             f"Date: {res['date']}, git {res['git']}", "",
@@ -379,140 +398,155 @@ def header_section(res: Dict, args) -> List[str]:
             f"{args.tokens_per_sample} tokens ({t['tokens_seen']:,} tokens), "
             f"{args.layers} layers x {args.embed_dim} wide, {args.heads} heads, dropout "
             f"{args.dropout}, Adam lr {args.lr}, inverse-sqrt warm-up {args.warmup_updates}; "
-            "evaluated on the last checkpoint.", ""]
+            "evaluated on the last checkpoint. Seeds: " + " ".join(map(str, args.seeds))
+            + " (`*`: fewer seeds). Cells: mean ± sd over seeds; ratios are paired by seed.",
+            ""]
 
 
 def test_section(res: Dict, args) -> List[str]:
-    models, t = res["models"], res["training"]
     out = ["## Test perplexity", "",
-           "AR: exact (fairseq-eval-lm); MDLM: upper bound (NELBO, fairseq-validate, "
-           f"{args.eval_passes} passes, SE over passes). Ratio: MDLM bound / AR perplexity.", ""]
-    rows = [[m, f"{res['params'][m] / 1e6:.2f}M", *bound_cells(res["test"][m]),
-             fmt(res["test"][m]["bits"], ".3f"), f"{res['test'][m]['tokens']:,}"] for m in models]
-    out.append(md_table(["model", "params", "test ppl", "SE", "bits/token", "tokens scored"], rows))
-    out += ["", f"The test split has {res['test_split_tokens']:,} tokens." + (
-        "" if all(res["test"][m]["tokens"] == res["test_split_tokens"] for m in models)
-        else " WARNING: not every model scored all of them.")]
-    out += [""] + [f"- MDLM / {a}: {res['ratios'][a]:.3f}" for a in res["ratios"]] + [""]
-    if "mdlm" in models:
-        curve = dict(map(tuple, t["mdlm"]["valid_curve"]))
-        for a in res["ratios"]:
-            pts = [(u, curve[u] / p) for u, p in t[a]["valid_curve"] if u in curve]
-            if pts:
-                out.append(f"- validation ratio MDLM / {a} as training goes on (updates: ratio): "
-                           + ", ".join(f"{u}: {r:.2f}" for u, r in pts))
-        out.append("")
+           "Diffusion rows: upper bound (fairseq-validate, "
+           f"{args.eval_passes} passes; SE: the evaluation's, mean over seeds). AR rows: "
+           "exact, each block read after </s> only (what an MDLM block sees).", ""]
+    rows = []
+    for m in res["models"]:
+        runs, bound = res["runs"][m], evaluator(m) == "validate"
+        tokens = {(r.get("test_eos_only") or r["test"])["tokens"] for r in runs}
+        rows.append([m, seeds_cell(res, m, args), f"{runs[0]['params'] / 1e6:.2f}M",
+                     ("<= " if bound else "") + mean_sd([test_ppl(r) for r in runs], ".2f"),
+                     mean_sd([r["test"]["ppl_se"] for r in runs], ".2f") if bound else "exact",
+                     ", ".join(f"{t:,}" for t in sorted(tokens)),
+                     ratio_cell(res, m, test_ppl, "mdlm", test_ppl)])
+    out += [md_table(["model", "seeds", "params", "test ppl", "eval SE", "tokens scored",
+                      "/ mdlm"], rows), "",
+            f"The test split has {res['test_split_tokens']:,} tokens.", ""]
+    ars = [m for m in res["models"] if evaluator(m) == "eval_lm"]
+    if ars:
+        out += ["AR both ways: fairseq-eval-lm reads the previous block's last token before "
+                "each block, the equal-footing scorer (`ar_block_perplexity`) only </s>.", ""]
+        rows = [[m, mean_sd([r["test"]["ppl"] for r in res["runs"][m]], ".2f"),
+                 mean_sd([r["test_eos_only"]["ppl"] for r in res["runs"][m]], ".2f"),
+                 ratio_cell(res, m, test_ppl, m, lambda r: r["test"]["ppl"]),
+                 f"{res['runs'][m][0]['test']['tokens']:,}",
+                 ratio_cell(res, "mdlm", test_ppl, m, lambda r: r["test"]["ppl"]),
+                 ratio_cell(res, "mdlm", test_ppl, m, test_ppl)] for m in ars]
+        out += [md_table(["model", "eval-lm ppl", "</s>-only ppl", "</s>-only / eval-lm",
+                          "eval-lm tokens", "MDLM / eval-lm", "MDLM / </s>-only"], rows), ""]
     return out + ["For scale, the paper (Sahoo et al. 2024, LM1B, 110M parameters): " +
                   "; ".join(f"{name}: MDLM <= {a} vs AR {b} (ratio {a / b:.2f})"
                             for name, a, b in PAPER) + ".", ""]
 
 
 def zero_shot_section(res: Dict, args) -> List[str]:
-    z = res.get("zero_shot")
-    if not z:
+    if not args.zero_shot:
         return []
-    words = bool(z.get("word_tokens"))
+    words = "word_ppl" in res["runs"][res["models"][0]][0]["zero_shot"]
     out = ["## Zero-shot", "", f"Trained on {args.corpus}, scored on `{args.zero_shot}` "
-           "(test split, the same dictionary)." + (
-               " Word-level: exp(total NLL / (words + lines)), PTB's usual token count."
-               if words else ""), ""]
-    head = ["model", "ppl per token", "SE"] + (["word-level ppl"] if words else []) \
-        + ["tokens scored"]
+           "(test split, same dictionary; AR: fairseq-eval-lm)." + (
+               " Word-level: exp(total NLL / (words + lines))." if words else ""), ""]
     rows = []
     for m in res["models"]:
-        e = z["by_model"][m]
-        word = [bound_cells(e, "word_ppl")[0]] if words else []
-        rows.append([m, *bound_cells(e), *word, f"{e['tokens']:,}"])
-    out += [md_table(head, rows), ""]
-    return out + [f"- MDLM / {a}: {z['ratios'][a]:.3f}" for a in z["ratios"]] + [""]
+        runs = [r["zero_shot"] for r in res["runs"][m]]
+        bound = "<= " if runs[0]["bound"] else ""
+        rows.append([m, seeds_cell(res, m, args), bound + mean_sd([e["ppl"] for e in runs], ".2f")]
+                    + ([bound + mean_sd([e["word_ppl"] for e in runs], ".2f")] if words else [])
+                    + [f"{runs[0]['tokens']:,}", ratio_cell(res, m, lambda r: r["zero_shot"]["ppl"],
+                                                            "mdlm", lambda r: r["zero_shot"]["ppl"])])
+    head = ["model", "seeds", "ppl per token"] + (["word-level ppl"] if words else []) \
+        + ["tokens scored", "/ mdlm"]
+    return out + [md_table(head, rows), ""]
 
 
 def generation_section(res: Dict, args) -> List[str]:
-    g = res.get("generation")
-    if not g:
+    g = res["generation"]
+    if not g["rows"]:
         return []
-    out = ["## Generative perplexity", "",
-           f"{args.samples} unconditional samples of {g['length']} tokens per row, scored by "
-           "each AR model (exp of the mean NLL per token, </s> before the first token); "
-           "entropy: mean over samples of the unigram entropy (nats) of each sample's "
-           "tokens. AR samples are ancestral (temperature 1, float64 draws); "
-           f"MDLM uses `--sampler {args.sampler}`. `test data`: test blocks of the same "
-           "length, the reference.", ""]
-    head = ["samples from", "steps"] + [f"gen ppl ({s})" for s in g["scorers"]] + \
-        ["entropy", "seconds"]
-    rows = [[r["source"], "-" if r["steps"] is None else r["steps"]]
-            + [f"{r['scored_by'][s]['ppl']:.1f} ± {r['scored_by'][s]['ppl_se']:.1f}"
-               for s in g["scorers"]]
-            + [f"{r['entropy']:.3f}", "-" if r["seconds"] is None else f"{r['seconds']:.1f}"]
-            for r in g["rows"]]
-    out += [md_table(head, rows), ""]
-    if g.get("targets"):
-        out += [f"- {line}" for line in g["targets"]] + [""]
-    return out
+    out = ["## Samples", "",
+           f"{args.samples} unconditional samples of {args.tokens_per_sample} tokens per row "
+           "and seed, scored by each AR judge (its first seed): exp of the mean NLL of every "
+           "token but the first, mean ± sd over seeds (SE over samples); entropy: unigram "
+           "(nats); repeats: share of repeated 4-grams within a sample; calls: network calls "
+           "per sample actually made. AR samples: ancestral. `test data`: the reference.", ""]
+    rows = []
+    for r in g["rows"]:
+        s = r["by_seed"]       # the test data row does not depend on a seed
+
+        def cell(key, spec=".3f", judge=None):
+            v = [x.get(key) if judge is None else x[key][judge] for x in s]
+            return mean_sd(v, spec) if r["sampler"] else reporting.fmt(v[0], spec, "-")
+        rows.append([r["source"], r["sampler"] or "-", r["steps"] or "-",
+                     cell("calls_per_sample", ".0f")]
+                    + [cell("gen_ppl", ".1f", j) + " (SE " + reporting.fmt(statistics.fmean(
+                        x["gen_ppl_se"][j] for x in s), ".1f") + ")" for j in g["judges"]]
+                    + [cell("entropy"), cell("repetition"), cell("seconds_per_sample", ".2f")])
+    head = ["samples from", "sampler", "steps", "calls"] + \
+        [f"gen ppl ({j})" for j in g["judges"]] + ["entropy", "repeats", "s / sample"]
+    out += [md_table(head, rows), "", "First sample of each kind (first seed):", ""]
+    return out + [f"- {r['source']} {r['sampler']} {r['steps']}: `{r['example'][:300]}`"
+                  for r in g["rows"] if r["example"]] + [""]
 
 
-def training_section(res: Dict) -> List[str]:
+def training_section(res: Dict, args) -> List[str]:
     out = ["## Training", "", "Tokens/s: fairseq's logged `wps` (median over log intervals); "
-           "tokens per CPU-second: tokens seen / CPU time of the fairseq-train process "
-           "(robust to other load on the machine); wall: the whole run, validation included.", ""]
+           "tokens per CPU-second: tokens seen / CPU time of fairseq-train (robust to other "
+           "load; not for resumed runs); wall: the whole run, validation included.", ""]
     rows = []
     for m in res["models"]:
-        tr = res["training"][m]
-        final = tr["valid_curve"][-1][1] if tr["valid_curve"] else None
-        rows.append([m, fmt(tr["train_wps_median"], ",.0f"),
-                     fmt(tr["tokens_per_cpu_s"], ",.0f"), fmt(tr["wall_s"] / 60, ".1f")
-                     + (" (resumed)" if tr["resumed"] else ""), fmt(final, ".1f")])
-    head = ["model", "tokens/s", "tokens per CPU-s", "wall (min)", "final valid ppl"]
-    out += [md_table(head, rows), "", "Plots: `valid_ppl.png`, `gen_ppl.png`.", ""]
-    examples = res.get("generation", {}).get("examples")
-    if examples:
-        out += ["## First sample of each kind", ""]
-        out += [f"- {k}: `{s[:300]}`" for k, s in examples.items()] + [""]
-    return out
+        t = [r["training"] for r in res["runs"][m]]
+        rows.append([m, seeds_cell(res, m, args),
+                     mean_sd([x["train_wps_median"] for x in t], ",.0f"),
+                     mean_sd([x["tokens_per_cpu_s"] for x in t], ",.0f"),
+                     mean_sd([x["wall_s"] / 60 for x in t], ".1f"),
+                     mean_sd([x["valid_curve"][-1][1] if x["valid_curve"] else None for x in t])])
+    head = ["model", "seeds", "tokens/s", "tokens per CPU-s", "wall (min)", "final valid ppl"]
+    return out + [md_table(head, rows), "", "Plots: `valid_ppl.png`, `gen_ppl.png`.", ""]
 
 
 def report(res: Dict, args) -> str:
     return "\n".join(header_section(res, args) + test_section(res, args)
                      + zero_shot_section(res, args) + generation_section(res, args)
-                     + training_section(res))
+                     + training_section(res, args))
 
 
 def plot_valid(res: Dict, path: str) -> None:
+    """Validation perplexity (mean over seeds) against tokens seen, one line per row."""
     plt = reporting.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in res["models"]:
-        pts = res["training"][m]["valid_curve"]
-        if pts:
-            ax.plot([u * res["tokens_per_update"] for u, _ in pts], [p for _, p in pts],
-                    marker="o", color=COLOURS[m], label=m + (" (bound)" if m == "mdlm" else ""))
+        curves = [dict(map(tuple, r["training"]["valid_curve"])) for r in res["runs"][m]]
+        ups = sorted(set.intersection(*(set(c) for c in curves)))
+        ax.plot([u * res["tokens_per_update"] for u in ups],
+                [statistics.fmean(c[u] for c in curves) for u in ups], marker="o",
+                color=COLOURS.get(m), label=m + (" (bound)" if evaluator(m) == "validate" else ""))
     ax.set(xlabel="tokens seen", ylabel="validation perplexity", yscale="log",
            title=f"{res['corpus']}: validation perplexity vs tokens")
-    ax.legend()
+    ax.legend(fontsize=7)
     reporting.save_figure(fig, path)
 
 
 def plot_generation(res: Dict, path: str) -> None:
-    """Colour: whose samples; line style: which AR model scored them."""
+    """Generative perplexity against network calls per sample, one panel per AR judge,
+    one line per (model, sampler); AR samples and test data as horizontal references."""
     plt = reporting.pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    g = res.get("generation")
-    styles = {"mdlm_ar": "-", "transformer_lm": ":"}
-    md = [r for r in (g["rows"] if g else []) if r["source"].startswith("mdlm (")]
-    for s in (g["scorers"] if g else []):
-        ax.plot([r["steps"] for r in md], [r["scored_by"][s]["ppl"] for r in md], marker="o",
-                color=COLOURS["mdlm"], linestyle=styles.get(s, "-."),
-                label=f"MDLM samples, scored by {s}")
+    g = res["generation"]
+    judges = g["judges"] or ["none"]
+    fig, axes = plt.subplots(1, len(judges), figsize=(6 * len(judges), 4), squeeze=False)
+    for ax, j in zip(axes[0], judges):
+        lines: Dict[str, List] = {}
         for r in g["rows"]:
-            if not r["source"].startswith("mdlm ("):
-                ax.axhline(r["scored_by"][s]["ppl"], linestyle=styles.get(s, "-."),
-                           color=COLOURS.get(r["source"], "black"),
-                           label=f"{r['source']}, scored by {s}")
-    if g:
-        ax.set(xscale="log" if md else "linear", yscale="log")
-    ax.set(xlabel="MDLM sampling steps", ylabel="generative perplexity",
-           title=f"{res['corpus']}: generative perplexity vs steps")
-    ax.legend(fontsize=6)
-    reporting.save_figure(fig, path)
+            y = statistics.fmean(x["gen_ppl"][j] for x in r["by_seed"])
+            if r["sampler"] in (None, "ancestral"):
+                ax.axhline(y, color=COLOURS.get(r["source"], "black"), linestyle=":",
+                           label=f"{r['source']} samples" if r["sampler"] else r["source"])
+            else:
+                calls = statistics.fmean(x["calls_per_sample"] for x in r["by_seed"])
+                lines.setdefault(f"{r['source']}, {r['sampler']}", []).append((calls, y))
+        for label, pts in lines.items():
+            ax.plot(*zip(*sorted(pts)), marker="o", label=label)
+        ax.set(xlabel="network calls per sample", ylabel=f"generative perplexity ({j})",
+               xscale="log" if lines else "linear", yscale="log")
+        ax.legend(fontsize=6)
+    reporting.save_figure(fig, path, f"{res['corpus']}: generative perplexity vs network calls")
 
 
 def write_report(res: Dict, args) -> str:
@@ -535,30 +569,6 @@ def report_only(args) -> None:
     print(write_report(res, argparse.Namespace(**{**res["args"], "out": args.out})))
 
 
-def evaluate_all(res: Dict, trained: Dict, args) -> None:
-    """Test perplexity, zero-shot, and the generative evaluation, into ``res``."""
-    print("test perplexity", flush=True)
-    res["test"] = {m: evaluate(m, trained[m]["checkpoint"], args.data, args, "test")
-                   for m in args.models}
-    res["test_split_tokens"] = split_tokens(args.data, "test")
-    ars = [a for a in AR_MODELS if a in args.models]
-    res["ratios"] = {a: res["test"]["mdlm"]["ppl"] / res["test"][a]["ppl"] for a in ars} \
-        if "mdlm" in args.models else {}
-    if args.zero_shot:
-        res["zero_shot"] = zero_shot(trained, ars, args)
-    print("generative perplexity", flush=True)
-    import torch
-    from mdlm_plugin.generative_eval import load_checkpoint
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    loaded = {m: load_checkpoint(trained[m]["checkpoint"], args.data,
-                                 {"tokens_per_sample": args.tokens_per_sample})
-              for m in args.models}
-    res["params"] = {m: loaded[m][2]["params"] for m in args.models}
-    if ars:
-        res["generation"] = generation(loaded, args)
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.report_only:
@@ -568,13 +578,13 @@ def main(argv=None):
     os.makedirs(args.work_dir, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)
     prepare_data(args)
-    trained = {m: train(m, args) for m in args.models}
+    runs = {m: [{"training": train(m, s, args)} for s in seeds_of(m, args)] for m in args.models}
     res = {"corpus": args.corpus, "command": command,
            "machine": reporting.machine_line(reporting.machine(device(), args.threads or None)),
            "date": datetime.date.today().isoformat(), "git": reporting.git_revision(),
-           "models": args.models, "training": trained, "args": vars(args),
+           "models": args.models, "runs": runs, "args": vars(args),
            "tokens_per_update": args.batch_size * args.tokens_per_sample}
-    evaluate_all(res, trained, args)
+    evaluate_all(res, args)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(res, f, indent=1, default=str)
     print(write_report(res, args))
