@@ -5,9 +5,12 @@ only by :func:`pyplot`.
 """
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
+import shlex
 import subprocess
+import sys
 from typing import Dict, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,6 +45,16 @@ def md_table(head: Sequence, rows: Sequence[Sequence], align: str = "") -> str:
     return "\n".join(lines)
 
 
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
 # --------------------------------------------------------------------------- machine
 
 def cpu_model() -> str:
@@ -74,6 +87,11 @@ def git_revision() -> str:
         return (rev or "unknown") + (" (+ uncommitted changes)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def invocation(script: str, argv: Optional[Sequence[str]] = None) -> str:
+    """The command line that ran ``script`` (``argv``: what main() got instead of sys.argv)."""
+    return shlex.join([sys.executable] + (sys.argv if argv is None else [script, *argv]))
 
 
 def usable_cores() -> int:
