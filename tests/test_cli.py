@@ -78,6 +78,14 @@ def test_unknown_architecture(ptb_tiny, tmp_path):
     assert "invalid choice: 'mdlm_huge'" in text and "mdlm_tiny" in text
 
 
+def test_add_bos_token_is_refused(ptb_tiny, tmp_path):
+    """<s> at the head of every target would be a free token for the bound only
+    (fairseq-eval-lm drops it on the AR side): refused, as the task docstring says."""
+    text = _error_of(_train(ptb_tiny, tmp_path, "--arch", "mdlm_tiny", "--add-bos-token"))
+    assert "mdlm_plugin: error: --add-bos-token is not supported by --task masked_diffusion" \
+        in text and "drop the flag" in text
+
+
 def test_scored_tokens_are_printed_exactly():
     """fairseq prints numbers with 6 significant digits (2.46913e+06); the bound's own
     count of a 2.5M-token split reaches the JSON and text logs digit for digit."""
