@@ -21,7 +21,7 @@ position with clean token x0, with r = 1 / expm1(sigma) (the score of x0 given x
     sigma'(t) [ sum_{y != m} s_theta[y] - r log s_theta[x0] + r (log r - 1) ]  >= 0,
 
 summed over masked positions and averaged over t in [eps, 1]; like MDLM's NELBO this
-upper-bounds -log p(x) up to the same O(eps) boundary terms (Lou et al., Thm 3.6).
+upper-bounds -log p(x) up to the same O(eps) boundary terms (Lou et al. 2024, Sec. 3).
 With q[y] = e^{f[y]} / (V - 1) and Z = sum_{y != m} q[y], the term is
 
     w(t) [ -log(q[x0] / Z) ] + w(t) [ Z - 1 - log Z ],   w(t) = sigma' / expm1(sigma),
