@@ -114,6 +114,33 @@ class NelboTerms:
     t: torch.Tensor               # (B,) the times drawn
 
 
+def corrupt(x: torch.Tensor, schedule: NoiseSchedule, mask_index: int,
+            pad_mask: Optional[torch.Tensor] = None, *, discrete_steps: int = 0,
+            antithetic: bool = True, eps_t: float = 1e-3,
+            generator: Optional[torch.Generator] = None, t: Optional[torch.Tensor] = None):
+    """One draw of the forward process on a batch ``x`` (B, L): the times ``t`` (B,)
+    (drawn by ``sample_times`` unless given) and ``(z_t, masked)`` of ``mask_tokens``.
+    Returns ``(pad_mask, t, z_t, masked)``; shared by every bound in the package."""
+    if pad_mask is None:
+        pad_mask = torch.zeros_like(x, dtype=torch.bool)
+    if t is None:
+        t = sample_times(x.size(0), antithetic=antithetic, eps_t=eps_t,
+                         discrete_steps=discrete_steps, device=x.device, generator=generator)
+    z_t, masked = mask_tokens(x, t, schedule, mask_index, pad_mask, generator)
+    return pad_mask, t, z_t, masked
+
+
+def masked_terms(per_token: torch.Tensor, masked: torch.Tensor, pad_mask: torch.Tensor,
+                 t: torch.Tensor) -> NelboTerms:
+    """The :class:`NelboTerms` of per-token losses (N,) at the ``masked`` positions
+    (row-major, the order of ``x[masked]``)."""
+    B = masked.size(0)
+    row = torch.arange(B, device=masked.device).unsqueeze(-1).expand_as(masked)[masked]
+    per_seq = torch.zeros(B, device=masked.device).index_add_(0, row, per_token.detach())
+    return NelboTerms(loss=per_token.sum(), per_sequence=per_seq,
+                      n_tokens=int((~pad_mask).sum()), n_masked=int(masked.sum()), t=t)
+
+
 def nelbo(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, mask_index: int,
           pad_mask: Optional[torch.Tensor] = None, *, discrete_steps: int = 0,
           antithetic: bool = True, eps_t: float = 1e-3,
@@ -126,22 +153,15 @@ def nelbo(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, mask_ind
     positions contribute exactly 0 under SUBS and padding never counts. Divide
     ``loss`` by ``n_tokens`` for nats per token (an upper bound on the NLL).
     """
-    if pad_mask is None:
-        pad_mask = torch.zeros_like(x, dtype=torch.bool)
-    if t is None:
-        t = sample_times(x.size(0), antithetic=antithetic, eps_t=eps_t,
-                         discrete_steps=discrete_steps, device=x.device, generator=generator)
-    z_t, masked = mask_tokens(x, t, schedule, mask_index, pad_mask, generator)
+    pad_mask, t, z_t, masked = corrupt(x, schedule, mask_index, pad_mask,
+                                       discrete_steps=discrete_steps, antithetic=antithetic,
+                                       eps_t=eps_t, generator=generator, t=t)
     sigma = schedule.sigma(t)
     logits = denoiser(z_t, sigma, masked)
     lp = log_probs_without_mask(logits, mask_index)
     nll = -lp.gather(-1, x[masked].unsqueeze(-1)).squeeze(-1)
     w = loss_weights(t, schedule, discrete_steps).unsqueeze(-1).expand_as(x)[masked]
-    per_token = w * nll
-    row = torch.arange(x.size(0), device=x.device).unsqueeze(-1).expand_as(x)[masked]
-    per_seq = torch.zeros(x.size(0), device=x.device).index_add_(0, row, per_token.detach())
-    return NelboTerms(loss=per_token.sum(), per_sequence=per_seq,
-                      n_tokens=int((~pad_mask).sum()), n_masked=int(masked.sum()), t=t)
+    return masked_terms(w * nll, masked, pad_mask, t)
 
 
 @torch.no_grad()
