@@ -1,7 +1,8 @@
 """fairseq criterion ``mdlm``: where the loss is.
 
 One Monte-Carlo draw of MDLM's continuous-time (or T-step discrete-time)
-Rao-Blackwellized NELBO per batch, computed by ``diffusion.objective.nelbo``;
+Rao-Blackwellized NELBO per batch, computed by ``diffusion.objective.nelbo`` (per
+block for a block-diffusion model, ``diffusion.blocks.block_nelbo``);
 this file only adapts fairseq's sample/model to it and does the bookkeeping.
 
 Units: the logged ``loss`` is in bits per (non-pad) token, so fairseq's ``ppl``
@@ -22,6 +23,7 @@ one would have.
 
 import math
 from dataclasses import dataclass, field
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -29,7 +31,7 @@ from fairseq import metrics
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
-from ..diffusion.objective import nelbo
+from ..diffusion.blocks import block_nelbo, check_mask_rate
 from ..errors import MDLMUserError
 from ..tasks.masked_diffusion import MAX_EVAL_PASSES
 
@@ -44,12 +46,27 @@ class MDLMCriterionConfig(FairseqDataclass):
         metadata={"help": "antithetic: low-discrepancy t over the batch (lower variance)"})
     sampling_eps: float = field(
         default=1e-3, metadata={"help": "continuous t is drawn from [eps, 1]"})
+    train_mask_rate: Optional[List[float]] = field(
+        default=None,
+        metadata={"help": "LOW HIGH: training draws mask rates in [LOW, HIGH] (block "
+                          "diffusion's clipped schedule; lower variance). Evaluation "
+                          "always reports the full bound over [0, 1]"})
 
 
 @register_criterion("mdlm", dataclass=MDLMCriterionConfig)
 class MDLMCriterion(FairseqCriterion):
-    def __init__(self, task, discrete_steps=0, time_sampling="antithetic", sampling_eps=1e-3):
+    def __init__(self, task, discrete_steps=0, time_sampling="antithetic", sampling_eps=1e-3,
+                 train_mask_rate=None):
         super().__init__(task)
+        self.train_mask_rate = None
+        if train_mask_rate is not None:
+            try:
+                self.train_mask_rate = check_mask_rate(train_mask_rate)
+            except ValueError as e:
+                raise MDLMUserError(f"--train-mask-rate: {e}") from None
+            if discrete_steps > 0:
+                raise MDLMUserError("--train-mask-rate is a continuous-time training "
+                                    "objective: leave out --discrete-steps with it")
         if getattr(task, "mask_index", None) is None:
             raise MDLMUserError("--criterion mdlm needs --task masked_diffusion")
         if discrete_steps < 0:
@@ -66,6 +83,14 @@ class MDLMCriterion(FairseqCriterion):
         self.eval_seed = task.args.eval_seed
         self.train_seed = getattr(task.args, "seed", 1)
         self.num_updates = 0
+
+    @classmethod
+    def add_args(cls, parser):
+        """fairseq's flags, with --train-mask-rate as two numbers (LOW HIGH)."""
+        super().add_args(parser)
+        for action in parser._actions:
+            if "--train-mask-rate" in action.option_strings:
+                action.nargs, action.type, action.metavar = 2, float, ("LOW", "HIGH")
 
     def set_num_updates(self, num_updates):
         """The update being computed (the task's train_step passes it): part of the
@@ -93,13 +118,17 @@ class MDLMCriterion(FairseqCriterion):
         passes = self.eval_passes if evaluating else 1
         generator = (self._eval_generator if evaluating else self._train_generator)(
             sample, x.device)
-        denoiser = model.denoiser()
+        block_size = getattr(model, "block_size", None)
+        denoiser = model.denoiser(clean=x) if block_size else model.denoiser()
+        mask_rate = None if evaluating else self.train_mask_rate   # eval: the full bound
 
         losses, n_masked = [], 0
         for _ in range(passes):
-            terms = nelbo(denoiser, x, self.task.schedule, self.task.mask_index, pad_mask,
-                          discrete_steps=self.discrete_steps, antithetic=self.antithetic,
-                          eps_t=self.sampling_eps, generator=generator)
+            terms = block_nelbo(denoiser, x, self.task.schedule, self.task.mask_index,
+                                pad_mask, block_size=block_size, mask_rate=mask_rate,
+                                discrete_steps=self.discrete_steps,
+                                antithetic=self.antithetic, eps_t=self.sampling_eps,
+                                generator=generator)
             losses.append(terms.loss)
             n_masked += terms.n_masked
         loss = torch.stack(losses).mean()
