@@ -253,3 +253,72 @@ def test_bad_block_options():
         with pytest.raises(ValueError, match="mask-rate"):
             check_mask_rate(bad)
     assert check_mask_rate([0.3, 0.8]) == (0.3, 0.8)
+
+
+def test_block_model_with_time_conditioning_refuses_ddpm_cache():
+    from fairseq.data import Dictionary
+    from mdlm_plugin.generator import MaskedDiffusionGenerator
+    from mdlm_plugin.models.mdlm import MDLMConfig, MDLMModel
+    from mdlm_plugin.tasks.masked_diffusion import add_mask_symbol
+
+    dictionary = Dictionary()
+    for w in "a b c".split():
+        dictionary.add_symbol(w)
+    mask = add_mask_symbol(dictionary)
+    model = MDLMModel(MDLMConfig(embed_dim=16, layers=1, attention_heads=2, cond_dim=8,
+                                 time_conditioning=True, block_size=4), dictionary)
+    kw = dict(gen_length=8, window=8)
+    with pytest.raises(MDLMUserError, match="ddpm_cache needs a model without time"):
+        MaskedDiffusionGenerator(model, SCHEDULE, dictionary, mask, sampler="ddpm_cache", **kw)
+    with pytest.raises(MDLMUserError, match="--semi-ar-stride does not apply"):
+        MaskedDiffusionGenerator(model, SCHEDULE, dictionary, mask, sampler="ddpm",
+                                 semi_ar_stride=4, **kw)
+    model.cfg.block_size = None
+    with pytest.raises(MDLMUserError, match="--stop-at-eos needs a block-diffusion model"):
+        MaskedDiffusionGenerator(model, SCHEDULE, dictionary, mask, sampler="ddpm",
+                                 stop_at_eos=True, **kw)
+
+
+# ------------------------------------------------------------------ the fairseq CLIs
+
+def train(data, save, *extra, updates=4):
+    return fairseq_cli(
+        "train", data, "--user-dir", USER_DIR, "--task", "masked_diffusion",
+        "--criterion", "mdlm", *TINY_MODEL, "--batch-size", "16", "--optimizer", "adam",
+        "--lr", "3e-3", "--max-update", str(updates), "--cpu", "--save-dir", save,
+        "--seed", "3", "--no-epoch-checkpoints", "--num-workers", "0", *extra)
+
+
+def test_cli_fine_tune_validate_generate(ptb_tiny, trained_tiny, tmp_path):
+    block = tmp_path / "block"                             # from the MDLM checkpoint
+    log = train(ptb_tiny, block, "--block-size", "8", "--train-mask-rate", "0.3", "0.8",
+                "--finetune-from-model", trained_tiny[0] / "checkpoint_last.pt")
+    assert "loading pretrained model from" in log.stdout + log.stderr
+    ckpt = block / "checkpoint_last.pt"
+    assert torch.load(ckpt, weights_only=False)["cfg"]["model"]["block_size"] == 8
+    proc = fairseq_cli("validate", ptb_tiny, "--user-dir", USER_DIR, "--task",
+                       "masked_diffusion", "--path", ckpt, "--valid-subset", "test",
+                       "--tokens-per-sample", "32", "--batch-size", "16", "--eval-passes", "2",
+                       "--cpu")
+    bound = re.search(r"loss ([\d.]+) \| mask_frac ([\d.]+).*bound_se ([\d.]+)",
+                      proc.stdout + proc.stderr)
+    assert bound and float(bound.group(3)) > 0
+    assert abs(float(bound.group(2)) - 0.5) < 0.05        # eval masks over [0, 1], not [0.3, 0.8]
+    # one sentence per input (a prompt never starts with the previous line's </s>)
+    gen = fairseq_cli("generate", ptb_tiny, "--user-dir", USER_DIR, "--task",
+                      "masked_diffusion", "--path", ckpt, "--tokens-per-sample", "32",
+                      "--gen-subset", "test", "--sample-break-mode", "eos", "--batch-size", "16",
+                      "--steps", "4", "--prefix-size", "3", "--gen-length", "48",
+                      "--stop-at-eos", "--seed", "1", "--cpu").stdout
+    targets = dict(re.findall(r"^T-(\d+)\t(.*)$", gen, re.M))
+    hypos = re.findall(r"^H-(\d+)\t\S+\t(.*)\n(?:D-.*\n)?P-\d+\t(.*)$", gen, re.M)
+    assert len(hypos) == len(targets) > 100
+    lengths = []
+    for i, text, scores in hypos:
+        n, words = len(scores.split()), text.split()       # P- counts </s>, H- drops it
+        prompt = targets[i].replace("<<unk>>", "<unk>").split()[:3]
+        if len(prompt) == 3:                               # else the prompt holds </s>
+            assert words[:3] == prompt
+            assert n == 48 or (n < 48 and len(words) == n - 1)   # else it ended with </s>
+            lengths.append(n)
+    assert len(set(lengths)) > 5 and min(lengths) < 48
