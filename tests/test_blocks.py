@@ -322,3 +322,15 @@ def test_cli_fine_tune_validate_generate(ptb_tiny, trained_tiny, tmp_path):
             assert n == 48 or (n < 48 and len(words) == n - 1)   # else it ended with </s>
             lengths.append(n)
     assert len(set(lengths)) > 5 and min(lengths) < 48
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--block-size", "5"], "--block-size: the block size 5 must divide the window of 32"),
+    (["--train-mask-rate", "0.8", "0.2"], "--train-mask-rate: the mask-rate range must"),
+])
+def test_cli_bad_block_flags(ptb_tiny, tmp_path, flags, message):
+    proc = fairseq_cli("train", ptb_tiny, "--user-dir", USER_DIR, "--task", "masked_diffusion",
+                       "--criterion", "mdlm", *TINY_MODEL, *flags, "--max-update", "1",
+                       "--batch-size", "2", "--cpu", "--save-dir", tmp_path, check=False)
+    assert proc.returncode != 0
+    assert f"mdlm_plugin: error: {message}" in proc.stderr and "Traceback" not in proc.stderr
