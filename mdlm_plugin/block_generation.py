@@ -5,8 +5,8 @@ Each hypothesis is sampled block by block with ``diffusion.blocks.sample_blocks`
 a prompt's tokens are given tokens of the first blocks, the committed blocks are
 run once into the model's key/value cache (``MDLMModel.block_context``), each new
 block is filled by ``--sampler`` in ``--steps`` steps. A prompt is continued to
-``--gen-length`` tokens (any length: the cache keeps the last window - L'
-positions, what a block sees in training); ``--stop-at-eos`` ends a continuation at
+``--gen-length`` tokens (any length: the cache slides, keeping the keys and values
+of the last window - L' positions); ``--stop-at-eos`` ends a continuation at
 the first ``</s>`` it generates, so lengths vary. An infilling template keeps its
 length, its blocks sampled left to right.
 """

@@ -223,6 +223,21 @@ def test_cached_sampling_equals_uncached(sampler):
     assert cached.cache.length == 12 and cached.cache.position == 12
 
 
+def test_beyond_the_window_the_cache_slides():
+    """Past the window the cache keeps the keys and values of the last window - L'
+    positions (as computed when committed), at growing rotary positions; until the
+    first slide it is exactly the uncached sampler."""
+    net, window = random_dit(8), 12
+    z = torch.full((3, 28), MASK)
+    config = SamplerConfig(sampler="ddpm", steps=3)
+    cached = CachedBlocks(net, context=window - 4)
+    a = sample_blocks(cached, z, 4, config, SCHEDULE, MASK, torch.Generator().manual_seed(4))
+    b = sample_blocks(Uncached(net, 4), z[:, :window], 4, config, SCHEDULE, MASK,
+                      torch.Generator().manual_seed(4))
+    assert torch.equal(a.tokens[:, :window], b.tokens) and not bool((a.tokens == MASK).any())
+    assert cached.commits == 6 and cached.cache.length == 8 and cached.cache.position == 24
+
+
 def test_stop_token_gives_rows_of_different_lengths():
     net = random_dit(7)
     stop = 5
