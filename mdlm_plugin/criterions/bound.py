@@ -64,8 +64,10 @@ class DiffusionBoundCriterion(FairseqCriterion, abc.ABC):
         self.num_updates = 0
 
     @abc.abstractmethod
-    def draw(self, denoiser, x, pad_mask, generator):
-        """One Monte-Carlo draw of the bound on the batch: ``objective.NelboTerms``."""
+    def draw(self, denoiser, x, pad_mask, generator, block_size=None, training=False):
+        """One Monte-Carlo draw of the bound on the batch: ``objective.NelboTerms``
+        (``block_size``: the model's L' for block diffusion, None for the whole window;
+        ``training``: the draw is a training one, not an evaluation)."""
 
     def set_num_updates(self, num_updates):
         """The update being computed (the task's train_step passes it): part of the
@@ -93,11 +95,13 @@ class DiffusionBoundCriterion(FairseqCriterion, abc.ABC):
         passes = self.eval_passes if evaluating else 1
         generator = (self._eval_generator if evaluating else self._train_generator)(
             sample, x.device)
-        denoiser = model.denoiser()
+        denoiser = model.denoiser(clean=x)      # a block model's reads the clean blocks
+        block_size = getattr(model, "block_size", None)
 
         losses, n_masked = [], 0
         for _ in range(passes):
-            terms = self.draw(denoiser, x, pad_mask, generator)
+            terms = self.draw(denoiser, x, pad_mask, generator, block_size=block_size,
+                              training=not evaluating)
             losses.append(terms.loss)
             n_masked += terms.n_masked
         loss = torch.stack(losses).mean()

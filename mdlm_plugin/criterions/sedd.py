@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from fairseq.criterions import register_criterion
 
 from ..diffusion.sedd import score_entropy_bound
+from ..errors import MDLMUserError
 from .bound import BoundCriterionConfig, DiffusionBoundCriterion
 
 
@@ -29,7 +30,10 @@ class SEDDCriterionConfig(BoundCriterionConfig):
 class SEDDCriterion(DiffusionBoundCriterion):
     name = "sedd"
 
-    def draw(self, denoiser, x, pad_mask, generator):
+    def draw(self, denoiser, x, pad_mask, generator, block_size=None, training=False):
+        if block_size is not None:
+            raise MDLMUserError("--criterion sedd trains on the whole window: block "
+                                "diffusion (--block-size) is available with --criterion mdlm")
         return score_entropy_bound(denoiser, x, self.task.schedule, self.task.mask_index,
                                    pad_mask, antithetic=self.antithetic,
                                    eps_t=self.sampling_eps, generator=generator)

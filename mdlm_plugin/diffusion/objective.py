@@ -75,16 +75,22 @@ def mask_tokens(x: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, mask_
                 generator: Optional[torch.Generator] = None):
     """Forward process q(z_t | x): mask each (non-pad) token with prob 1 - alpha_t.
 
+    ``t`` is (B,) (one time per row) or (B, L) (one per token, e.g. per block).
     Returns ``(z_t, masked)`` where ``masked`` marks the positions turned into
     ``<mask>``. Padding is never masked.
     """
-    p = schedule.mask_prob(t.float()).unsqueeze(-1)
+    p = tokenwise(schedule.mask_prob(t.float()))
     u = torch.rand(x.shape, device=x.device, generator=generator)
     masked = u < p
     if pad_mask is not None:
         masked &= ~pad_mask
     z_t = x.masked_fill(masked, mask_index)
     return z_t, masked
+
+
+def tokenwise(v: torch.Tensor) -> torch.Tensor:
+    """A per-row (B,) quantity as (B, 1), broadcasting over tokens; (B, L) as is."""
+    return v.unsqueeze(-1) if v.dim() == 1 else v
 
 
 def loss_weights(t: torch.Tensor, schedule: NoiseSchedule, discrete_steps: int = 0) -> torch.Tensor:
@@ -147,7 +153,9 @@ def nelbo(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, mask_ind
           generator: Optional[torch.Generator] = None,
           t: Optional[torch.Tensor] = None) -> NelboTerms:
     """Rao-Blackwellized NELBO of a batch ``x`` (B, L), one draw of t and of masks
-    (pass ``t`` (B,) to fix the times instead of drawing them).
+    (pass ``t`` (B,) to fix the times instead of drawing them; ``t`` (B, L) gives
+    each token its own time, as block diffusion does per block: ``sigma`` is then
+    passed to the denoiser per token too).
 
     Sum over masked positions of  w(t) * -log x_theta(z_t)[x]  in fp32; unmasked
     positions contribute exactly 0 under SUBS and padding never counts. Divide
@@ -160,7 +168,7 @@ def nelbo(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, mask_ind
     logits = denoiser(z_t, sigma, masked)
     lp = log_probs_without_mask(logits, mask_index)
     nll = -lp.gather(-1, x[masked].unsqueeze(-1)).squeeze(-1)
-    w = loss_weights(t, schedule, discrete_steps).unsqueeze(-1).expand_as(x)[masked]
+    w = tokenwise(loss_weights(t, schedule, discrete_steps)).expand_as(x)[masked]
     return masked_terms(w * nll, masked, pad_mask, t)
 
 

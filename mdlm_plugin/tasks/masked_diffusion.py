@@ -86,6 +86,10 @@ class MaskedDiffusionConfig(LanguageModelingConfig):
                                      "tokens per window after the first (the window's other "
                                      "tokens are the previous ones, fixed). 0: only when "
                                      "--gen-length exceeds the window, with S = window/2"})
+    stop_at_eos: bool = field(
+        default=False, metadata={"help": "generation, block-diffusion models: end a "
+                                         "continuation at the first </s> it generates "
+                                         "(else at --gen-length)"})
 
 
 def check_binarized_split(split_path: str) -> None:
