@@ -29,7 +29,8 @@ from mdlm_plugin.reporting import COLOURS, md_table, pct  # noqa: E402
 TRAIN_DIR = "/tmp/mdlm_sampling_speed"
 SAMPLERS = ("ddpm", "ddpm_cache")
 AR_MODELS = ("transformer_lm", "mdlm_ar_tiny")
-FAMILY = {"mdlm_tiny": "mdlm", "mdlm_ar_tiny": "mdlm_ar", "transformer_lm": "transformer_lm"}
+FAMILY = {"mdlm_tiny": "mdlm", "mdlm_ar_tiny": "mdlm_ar", "transformer_lm": "transformer_lm",
+          "bd3_tiny": "mdlm"}
 CORES = reporting.usable_cores()
 # flag -> (type, nargs, default, help); benchmarks/README.md says what each changes
 FLAGS = {"--mdlm-ckpt": (str, None, "checkpoints/ptb_mdlm_tiny/checkpoint_best.pt", "mdlm_tiny"),
@@ -48,6 +49,13 @@ FLAGS = {"--mdlm-ckpt": (str, None, "checkpoints/ptb_mdlm_tiny/checkpoint_best.p
          "--single-samples": (int, None, 2, "samples one at a time in ddpm_cache vs ddpm"),
          "--threads": (int, None, CORES, "torch threads for sampling"),
          "--train-threads": (int, None, CORES, "OMP_NUM_THREADS of fairseq-train"),
+         "--long-length": (int, None, 0, "block diffusion vs MDLM semi-AR vs AR at this "
+                           "many tokens per sample (issue 10: 512; 0: skip)"),
+         "--long-samples": (int, None, 2, "samples of --long-length tokens per model"),
+         "--block-ckpt": (str, None, f"{TRAIN_DIR}/bd3_tiny/checkpoint_last.pt", "BD3 model"),
+         "--block-size": (int, None, 16, "L' of a BD3 model trained here; MDLM's semi-AR stride"),
+         "--block-steps": (int, None, 16, "steps per block (MDLM: per window of L' new tokens)"),
+         "--long-sampler": (str, None, "ddpm_cache", "sampler of the long samples"),
          "--seed": (int, None, 1, None),
          "--output-dir": (str, None, "benchmarks/results/sampling", "repo-relative")}
 
@@ -90,6 +98,8 @@ def train_command(model: str, args, data_dir: str, save_dir: str) -> List[str]:
         "--log-interval", 25, "--seed", args.seed, "--cpu", "--num-workers", 0,
         "--save-dir", save_dir]
     model_args = {"mdlm_tiny": {"model_extra": ["--weight-decay", "0.01"]},
+                  "bd3_tiny": {"model_extra": ["--weight-decay", "0.01", "--block-size",
+                                               args.block_size]},
                   "transformer_lm": {"size": recipes.ARCH_SIZES["tiny"], "dropout": 0.1}}
     return recipes.train_command(FAMILY[model], data_dir, protocol, device=None,
                                  **model_args.get(model, {}))
@@ -119,17 +129,18 @@ def ensure_checkpoint(model: str, path: str, args, data_dir: str) -> Dict[str, o
     return {"path": trained, "trained_here": True, "train_command": shlex.join(cmd)}
 
 
-def load_models(ckpts: Dict, data_dir: str, L: int):
+def load_models(ckpts: Dict, data_dir: str, L: int, longest: int):
     """(models, tasks) with fairseq's loader; transformer_lm gets one more position than
-    it was trained on, for the </s> SequenceGenerator forces after L tokens."""
+    the longest sample, for the </s> SequenceGenerator forces after it."""
     from mdlm_plugin.generative_eval import load_checkpoint
     models, tasks = {}, {}
     for name, c in ckpts.items():
-        over = {"max_target_positions": L + 1} if name == "transformer_lm" else None
+        over = {"max_target_positions": longest + 1} if name == "transformer_lm" else None
         model, task, facts = load_checkpoint(c["path"], data_dir, over)
-        if (name == "mdlm_tiny") != callable(getattr(model, "denoiser", None)):
+        if FAMILY[name] == "mdlm" and not callable(getattr(model, "denoiser", None)) or \
+                (name == "bd3_tiny") != bool(getattr(model, "block_size", None)):
             sys.exit(f"error: the {name} checkpoint {c['path']} is not a {name} model")
-        if name == "mdlm_tiny" and facts["tokens_per_sample"] != L:
+        if FAMILY[name] == "mdlm" and facts["tokens_per_sample"] != L:
             print(f"note: the MDLM was trained with --tokens-per-sample "
                   f"{facts['tokens_per_sample']}; sampling {L} tokens in a window of {L}")
             task.args.tokens_per_sample = L
@@ -145,12 +156,12 @@ def load_models(ckpts: Dict, data_dir: str, L: int):
 # --------------------------------------------------------------------------- sampling
 
 def mdlm_generate(task, model, sampler: str, steps: int, n: int, batch: int, length: int,
-                  seed: int):
+                  seed: int, stride: int = 0):
     """n unconditional samples of ``length`` tokens through task.build_generator:
     (tokens, their scores, statistics)."""
     from mdlm_plugin.generative_eval import mdlm_samples
     with measure.Meter() as m:
-        tokens, st = mdlm_samples(task, model, n, length, steps, sampler, seed, batch)
+        tokens, st = mdlm_samples(task, model, n, length, steps, sampler, seed, batch, stride)
     assert tokens.shape == (n, length), tokens.shape
     return tokens, st.pop("scores"), {**m.as_dict(), "generator_seconds": st.pop("seconds"), **st}
 
@@ -347,6 +358,42 @@ def crossovers(speed: List[Dict]) -> List[Dict]:
     return out
 
 
+def long_run(name: str, models, tasks, args):
+    """(tokens, statistics) of --long-samples of --long-length tokens from one model."""
+    n, N = args.long_samples, args.long_length
+    if name == "transformer_lm":
+        return ar_generate(tasks[name], models[name], n, n, N, args.seed)
+    stride = args.block_size if name == "mdlm_tiny" else 0     # MDLM: semi-AR
+    tokens, _, st = mdlm_generate(tasks[name], models[name], args.long_sampler, args.block_steps,
+                                  n, n, N, args.seed, stride)
+    return tokens, st
+
+
+def long_samples(models, tasks, args) -> List[Dict]:
+    """The BD3 model block by block with its cache, MDLM semi-autoregressively (stride L',
+    the same steps per token) and transformer_lm with fairseq's incremental sampling;
+    generative perplexity under mdlm_ar_tiny (512 positions)."""
+    from mdlm_plugin.generative_eval import generative_perplexity
+    n, N = args.long_samples, args.long_length
+    methods = {"bd3_tiny": "block diffusion, KV cache",
+               "mdlm_tiny": f"semi-AR, stride {args.block_size}",
+               "transformer_lm": "fairseq sampling (incremental)"}
+    rows = []
+    for name, method in methods.items():
+        tokens, st = long_run(name, models, tasks, args)
+        ppl = generative_perplexity(models["mdlm_ar_tiny"], tokens) if N <= 512 else {}
+        per_token = None if name == "transformer_lm" else args.block_steps / args.block_size
+        rows.append({"model": name, "method": method, "length": N, "samples": n,
+                     "steps_per_token": per_token, **st, "s_per_sample": st["wall_s"] / n,
+                     "cpu_s_per_sample": st["cpu_s"] / n, "gen_ppl": ppl.get("ppl"),
+                     "gen_ppl_se": ppl.get("ppl_se")})
+        print(f"    {name:<15} {N} tokens: {rows[-1]['s_per_sample']:.2f} s/sample, "
+              f"{st['network_calls']} calls, gen. ppl {reporting.fmt(ppl.get('ppl'))}", flush=True)
+    for r in rows:
+        r["x_transformer_lm_wall"] = r["wall_s"] / rows[-1]["wall_s"]
+    return rows
+
+
 NOTES = [
     "ddpm and ddpm_cache consume the same random stream (two (B, L) uniform tensors per "
     "step), so with the same seed they must give the same tokens and scores.",
@@ -402,6 +449,16 @@ SPEED_COLUMNS = [
     ("entropy (nats)", lambda r: f"{r['entropy']:.3f} ± {reporting.fmt(r['entropy_se'], '.3f')}"),
     ("entropy w/o </s>", lambda r: f"{r['entropy_no_eos']:.3f}"),
     ("other load", lambda r: pct(r["other_load"]))]
+LONG_COLUMNS = SPEED_COLUMNS[:1] + [
+    ("method", lambda r: r["method"]),
+    ("steps per token", lambda r: reporting.fmt(r["steps_per_token"], ".2f", "1 (AR)")),
+    ("network calls", lambda r: str(r["network_calls"])),
+    ("row evaluations", lambda r: str(r.get("row_calls", r["network_calls"] * r["samples"]))),
+    ("s/sample (wall)", lambda r: f"{r['s_per_sample']:.2f}"),
+    ("CPU s/sample", lambda r: f"{r['cpu_s_per_sample']:.2f}"),
+    ("x transformer_lm (wall)", lambda r: f"{r['x_transformer_lm_wall']:.2f}"),
+    ("gen. perplexity", lambda r: f"{reporting.fmt(r['gen_ppl'])} ± "
+                                  f"{reporting.fmt(r['gen_ppl_se'])}")]
 
 
 def table(columns, rows) -> str:
@@ -464,6 +521,12 @@ def markdown_report(res) -> str:
                   f"{s['length']} tokens: unigram entropy {d['entropy']:.3f} nats "
                   f"({d['entropy_no_eos']:.3f} without `</s>`).", ""]
     lines += [f"- {x}" for x in crossover_lines(res)] + [""]
+    if res.get("long_samples"):
+        r = res["long_samples"][0]
+        lines += [f"## 3. {r['samples']} samples of {r['length']} tokens: block diffusion vs MDLM "
+                  f"semi-AR vs AR", "", "Generative perplexity under mdlm_ar_tiny (± standard "
+                  "error); steps per token: diffusion steps per block (or window) / new tokens "
+                  "per block.", "", table(LONG_COLUMNS, res["long_samples"]), ""]
     lines += ["![sampling speed](sampling_speed.png)", "", "## Notes", ""]
     return "\n".join(lines + [f"- {n}" for n in res["notes"]] + [""])
 
@@ -535,14 +598,15 @@ def header(args, data_dir: str, argv) -> Dict[str, object]:
 def measure_all(args, data_dir: str) -> Dict[str, object]:
     import torch
     from fairseq import utils
-    ckpts = {name: ensure_checkpoint(name, resolve(path), args, data_dir) for name, path in (
-        ("mdlm_tiny", args.mdlm_ckpt), ("transformer_lm", args.transformer_lm_ckpt),
-        ("mdlm_ar_tiny", args.ar_ckpt))}
+    paths = [("mdlm_tiny", args.mdlm_ckpt), ("transformer_lm", args.transformer_lm_ckpt),
+             ("mdlm_ar_tiny", args.ar_ckpt)] + ([("bd3_tiny", args.block_ckpt)] if
+                                                args.long_length else [])
+    ckpts = {name: ensure_checkpoint(name, resolve(path), args, data_dir) for name, path in paths}
     for name in ("fairseq", "mdlm_plugin", "matplotlib"):
         logging.getLogger(name).setLevel(logging.WARNING)
     utils.import_user_module(argparse.Namespace(user_dir=recipes.PLUGIN))
     torch.set_num_threads(args.threads)
-    models, tasks = load_models(ckpts, data_dir, args.length)
+    models, tasks = load_models(ckpts, data_dir, args.length, max(args.length, args.long_length))
     mdlm, mtask, warm = models["mdlm_tiny"], tasks["mdlm_tiny"], min(2, args.batch_size)
     for sampler in SAMPLERS:     # warm-up: first-call allocations
         mdlm_generate(mtask, mdlm, sampler, 4, warm, args.batch_size, args.length, args.seed)
@@ -552,13 +616,16 @@ def measure_all(args, data_dir: str) -> Dict[str, object]:
     cache, runs = cache_vs_ddpm(mdlm, mtask, args)
     print("\n[2] MDLM vs autoregressive sampling", flush=True)
     speed = speed_vs_ar(models, tasks, runs, args)
+    if args.long_length:
+        print("\n[3] block diffusion vs MDLM semi-AR vs AR", flush=True)
+    long = long_samples(models, tasks, args) if args.long_length else None
     exp_rows = {t: [expected_calls(mtask.schedule, t, args.length, name) for name in SAMPLERS]
                 for t in sorted(set(args.cache_steps) | set(args.steps))}
     return {"checkpoints": ckpts, "cache_vs_ddpm": cache, "speed_vs_ar": speed,
             "expected_calls_by_batch": {"batches": list(SAMPLERS), "rows": exp_rows},
             "data_entropy": data_entropy(data_dir, "test", args.length,
                                          mtask.source_dictionary.eos()),
-            "crossover": crossovers(speed),
+            "crossover": crossovers(speed), "long_samples": long,
             "notes": [n.format(L=args.length, L1=args.length + 1) for n in NOTES]}
 
 
