@@ -25,6 +25,7 @@ from mdlm_plugin.reporting import COLOURS, fmt, pct  # noqa: E402
 
 MDLM = "mdlm_tiny"
 BASELINE = "transformer_lm"
+BD3 = "bd3_tiny"       # mdlm_tiny with --block-size (issue 10)
 MODELS = (MDLM, BASELINE)
 MACHINE_KEYS = ("date", "cpu", "cpu_cores", "cpu_cores_usable", "torch_threads",
                 "load_average", "device", "gpu", "python", "torch", "fairseq", "mdlm_plugin",
@@ -50,6 +51,7 @@ FLAGS = {"--updates": (int, 60, "training updates per run"),
          "--lr": (float, 1e-3, "Adam learning rate (fixed)"),
          "--dropout": (float, 0.1, "dropout of both models"), "--seed": (int, 1, ""),
          "--num-workers": (int, 0, "fairseq data workers (0: one process, exact peak RSS)"),
+         "--block-size": (int, None, "also train BD3: mdlm_tiny with this --block-size"),
          "--threads": (int, None, "OMP/MKL_NUM_THREADS of the runs (default: torch's)"),
          "--output-dir": (str, "benchmarks/results", "results, plot and logs (repo-relative)"),
          "--run-timeout": (float, 3600.0, "seconds before a run is killed")}
@@ -106,9 +108,10 @@ def train_command(model: str, args, data_dir: str, device: str, save_dir: str) -
         "--log-format", "json", "--log-interval", args.log_interval,
         "--no-save", "--save-dir", save_dir, "--disable-validation",
         "--num-workers", args.num_workers]
-    size = None if model == MDLM else recipes.ARCH_SIZES["tiny"]   # transformer_lm sized to match
-    return recipes.train_command("mdlm" if model == MDLM else BASELINE, data_dir, protocol,
-                                 size=size, dropout=args.dropout, device=device,
+    size = recipes.ARCH_SIZES["tiny"] if model == BASELINE else None   # sized to match
+    extra = ["--block-size", args.block_size] if model == BD3 else []
+    return recipes.train_command(BASELINE if model == BASELINE else "mdlm", data_dir, protocol,
+                                 size=size, dropout=args.dropout, device=device, model_extra=extra,
                                  overrides=["--amp"] if device == "cuda" and args.amp else [])
 
 
@@ -184,7 +187,8 @@ def check_architecture(model: str, config: Dict[str, object], log_text: str, arg
     """Depth, width, heads, FFN and dropout as the child built them: depth and FFN off the
     printed module tree ("(0-3): 4 x Block(...)"), width off every embedding, heads and
     dropout off the logged config."""
-    block, prefix = ("DiTBlock", "") if model == MDLM else ("TransformerDecoderLayer", "decoder_")
+    block, prefix = ("TransformerDecoderLayer", "decoder_") if model == BASELINE else \
+        ("DiTBlock", "")
     embed_dims = sorted({int(d) for d in re.findall(r"Embedding\(\d+, (\d+)", log_text)})
     m = re.search(rf"\((\d+)-(\d+)\): (\d+) x {block}", log_text)
     layers = int(m.group(3)) if m else len(re.findall(rf"\(\d+\): {block}\w*\(", log_text))
@@ -288,6 +292,9 @@ def summarize(runs: List[Dict], device: str) -> List[Dict[str, object]]:
         a, b = median_of(MDLM, attr), median_of(BASELINE, attr)
         rows.append({"metric": label, "key": attr, "mdlm": a, "transformer_lm": b,
                      "ratio": reporting.ratio(a, b), "headline": headline})
+        if any(r["model"] == BD3 for r in runs):
+            c = median_of(BD3, attr)
+            rows[-1].update(bd3=c, bd3_over_mdlm=reporting.ratio(c, a))
     return rows
 
 
@@ -332,20 +339,22 @@ NOTES = ("Notes: throughput is fairseq's `wps` of the `train_inner` lines after 
 
 def markdown_report(res: Dict) -> str:
     h, s, runs = res["header"], res["settings"], res["runs"]
+    bd3 = "bd3" in res["summary"][0]
     summary = [[row["metric"], fmt(row["mdlm"], SPECS[row["key"]]),
                 fmt(row["transformer_lm"], SPECS[row["key"]]), fmt(row["ratio"], ".3f")]
-               for row in res["summary"]]
+               + ([fmt(row["bd3"], SPECS[row["key"]]), fmt(row["bd3_over_mdlm"], ".3f")]
+                  if bd3 else []) for row in res["summary"]]
     lines = ["# Training throughput: MDLM `mdlm_tiny` vs fairseq `transformer_lm`", "",
              "```", h["command"], "```", "", reporting.machine_table(h["machine"], MACHINE_KEYS),
              f"| data | `{h['data']}` |", f"| setup | {h['setup']} |", "",
              "## Summary (medians over runs; ratio = MDLM / transformer_lm)", "",
-             reporting.md_table(["metric", "mdlm_tiny", "transformer_lm", "ratio"], summary,
-                                align="lrrr"),
+             reporting.md_table(["metric", "mdlm_tiny", "transformer_lm", "ratio"]
+                                + ([BD3, "BD3 / MDLM"] if bd3 else []), summary, align="lrrrrr"),
              "", "## Runs (in execution order)", "",
              *runs_tables(runs, h["machine"]["device"]), "",
              "## Configuration check (as the runs built it)", "", check_table(runs), "",
              "## Commands", ""]
-    for model in MODELS:
+    for model in dict.fromkeys(r["model"] for r in runs):
         cmd = next(r["command"] for r in runs if r["model"] == model)
         lines += [f"{model}:", "```", shlex.join(cmd), "```", ""]
     return "\n".join(lines + [NOTES.format(**s), ""])
@@ -358,12 +367,14 @@ def plot(res: Dict, path: str) -> None:
               ("peak_rss_mib", "peak RSS (MiB)") if device == "cpu"
               else ("gpu_peak_allocated_gib", "peak torch allocated (GiB)")]
     rows = {row["key"]: row for row in res["summary"]}
+    models = list(dict.fromkeys(r["model"] for r in runs))
+    column = {MDLM: "mdlm", BASELINE: "transformer_lm", BD3: "bd3"}
     fig, axes = reporting.pyplot().subplots(1, 2, figsize=(10, 4.2))
     for ax, (key, label) in zip(axes, panels):
-        heights = [rows[key]["mdlm"] or 0.0, rows[key]["transformer_lm"] or 0.0]
-        bars = ax.bar(range(2), heights, color=[COLOURS[m] for m in MODELS], width=0.6)
+        heights = [rows[key][column[m]] or 0.0 for m in models]
+        bars = ax.bar(range(len(models)), heights, color=[COLOURS[m] for m in models], width=0.6)
         top = max(heights)
-        for x, model in enumerate(MODELS):
+        for x, model in enumerate(models):
             ys = [r[key] for r in runs if r["model"] == model and r.get(key) is not None]
             top = max([top] + ys)
             ax.scatter([x] * len(ys), ys, color="black", s=14, zorder=3,
@@ -372,8 +383,8 @@ def plot(res: Dict, path: str) -> None:
             ax.annotate(f"{hgt:,.0f}" if hgt >= 10 else f"{hgt:.2f}",
                         (bar.get_x() + bar.get_width() / 2, hgt), ha="center", va="bottom",
                         fontsize=9, xytext=(0, 2), textcoords="offset points")
-        ax.set_xticks(range(2))
-        ax.set_xticklabels(MODELS)
+        ax.set_xticks(range(len(models)))
+        ax.set_xticklabels(models)
         ax.set(ylabel=label, ylim=(0, max(top, 1e-9) * 1.18))
         ax.set_title(f"{label}\nMDLM / transformer_lm = {fmt(rows[key]['ratio'], '.3f')}",
                      fontsize=10)
@@ -402,11 +413,12 @@ def setup_line(args) -> str:
 
 def run_all(args, data_dir: str, device: str, log_dir: str) -> List[Run]:
     runs: List[Run] = []
+    models = MODELS + ((BD3,) if args.block_size else ())
     with tempfile.TemporaryDirectory(prefix="mdlm-bench-") as save_dir:
         for repeat in range(1, args.repeats + 1):
-            for model in MODELS:
-                print(f"[run {len(runs) + 1}/{2 * args.repeats}] {model} (repeat {repeat}) "
-                      f"load {os.getloadavg()[0]:.2f}", flush=True)
+            for model in models:
+                print(f"[run {len(runs) + 1}/{len(models) * args.repeats}] {model} (repeat "
+                      f"{repeat}) load {os.getloadavg()[0]:.2f}", flush=True)
                 run = run_once(model, repeat, args, data_dir, device, log_dir, save_dir)
                 if len(runs) < 2:
                     print("    $ " + shlex.join(run.command), flush=True)

@@ -18,7 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # one colour per model and per MDLM sampler, in every figure
 COLOURS = {"mdlm": "tab:blue", "mdlm_tiny": "tab:blue", "mdlm_ar": "tab:green",
            "mdlm_ar_tiny": "tab:green", "transformer_lm": "tab:red",
-           "ddpm": "tab:orange", "ddpm_cache": "tab:purple", "test data": "grey"}
+           "ddpm": "tab:orange", "ddpm_cache": "tab:purple", "test data": "grey",
+           "bd3_tiny": "tab:cyan"}
 
 
 # --------------------------------------------------------------------------- numbers, tables
