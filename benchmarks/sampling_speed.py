@@ -43,6 +43,8 @@ FLAGS = {"--mdlm-ckpt": (str, None, "checkpoints/ptb_mdlm_tiny/checkpoint_best.p
          "--samples": (int, None, 4, "unconditional samples per configuration"),
          "--batch-size": (int, None, 0, "samples per generate call (0: all in one)"),
          "--steps": (int, "+", [16, 32, 64, 128, 256, 1000], "MDLM steps vs AR"),
+         "--samplers": (str, "+", list(SAMPLERS), "MDLM samplers vs AR (issue 11: "
+                        "ddpm_cache first_hitting)"),
          "--cache-steps": (int, "+", [1000, 0], "steps of ddpm_cache vs ddpm (0: T = L)"),
          "--batch-sizes": (int, "+", None, "batch sizes of ddpm_cache vs ddpm, B samples "
                            "each (1: --single-samples); default --batch-size and 1"),
@@ -78,6 +80,9 @@ def parse_args(argv=None):
             any(t < 0 for t in args.cache_steps):
         p.error("--steps and --batch-sizes must be positive (--cache-steps: positive, or 0 "
                 "for T = L)")
+    from mdlm_plugin.diffusion.samplers import SAMPLERS as KNOWN
+    if set(args.samplers) - set(KNOWN):
+        p.error(f"--samplers: choose among {', '.join(KNOWN)}")
     args.cache_steps = sorted({t or args.length for t in args.cache_steps}, reverse=True)
     args.steps = sorted(set(args.steps))
     return args
@@ -299,7 +304,7 @@ def cache_vs_ddpm(mdlm, mtask, args):
 
 
 def speed_vs_ar(models, tasks, runs, args) -> List[Dict]:
-    """Each AR model's samples, then MDLM with both samplers at each --steps."""
+    """Each AR model's samples, then MDLM with each of --samplers at each --steps."""
     L, n, B = args.length, args.samples, args.batch_size
     mdlm, mtask = models["mdlm_tiny"], tasks["mdlm_tiny"]
     eos, string = mtask.source_dictionary.eos(), mtask.source_dictionary.string
@@ -309,8 +314,8 @@ def speed_vs_ar(models, tasks, runs, args) -> List[Dict]:
         rows.append({"model": name, "sampler": "fairseq sampling (incremental)", "steps": L,
                      **stats, **entropy_stats(tok, eos), "example": string(tok[0][:40])})
     for steps in args.steps:
-        for sampler in SAMPLERS:
-            tok, _, stats = runs[steps][sampler] if steps in runs else \
+        for sampler in args.samplers:
+            tok, _, stats = runs.get(steps, {}).get(sampler) or \
                 mdlm_generate(mtask, mdlm, sampler, steps, n, B, L, args.seed)
             ent = entropy_stats(tok, eos)
             if abs(ent["entropy"] - stats["mean_unigram_entropy"]) > 1e-9:
@@ -341,7 +346,7 @@ def crossovers(speed: List[Dict]) -> List[Dict]:
     """Per MDLM sampler, AR model and clock: where MDLM's time per sample crosses the AR
     model's, or (outside the measured steps) where the nearest cost per step would."""
     ar_rows, out = {r["model"]: r for r in speed if r["model"] in AR_MODELS}, []
-    for sampler, ar in ((s, a) for s in SAMPLERS for a in AR_MODELS):
+    for sampler, ar in ((s, a) for s in mdlm_samplers(speed) for a in AR_MODELS):
         for clock, key in (("wall", "s_per_sample"), ("CPU", "cpu_s_per_sample")):
             target = ar_rows[ar][key]
             xy = sorted((r["steps"], r[key]) for r in speed
@@ -531,10 +536,14 @@ def markdown_report(res) -> str:
     return "\n".join(lines + [f"- {n}" for n in res["notes"]] + [""])
 
 
+def mdlm_samplers(speed) -> List[str]:
+    return list(dict.fromkeys(r["sampler"] for r in speed if r["model"] == "mdlm_tiny"))
+
+
 def plot_samplers(ax1, ax2, speed) -> None:
-    for sampler in SAMPLERS:
+    for sampler in mdlm_samplers(speed):
         pts = [r for r in speed if r["model"] == "mdlm_tiny" and r["sampler"] == sampler]
-        xs, colour = [r["steps"] for r in pts], COLOURS[sampler]
+        xs, colour = [r["steps"] for r in pts], COLOURS.get(sampler)
         ax1.plot(xs, [r["s_per_sample"] for r in pts], "o-", color=colour,
                  label=f"MDLM {sampler} (wall)")
         ax1.plot(xs, [r["cpu_s_per_sample"] for r in pts], "x:", color=colour,
@@ -608,7 +617,7 @@ def measure_all(args, data_dir: str) -> Dict[str, object]:
     torch.set_num_threads(args.threads)
     models, tasks = load_models(ckpts, data_dir, args.length, max(args.length, args.long_length))
     mdlm, mtask, warm = models["mdlm_tiny"], tasks["mdlm_tiny"], min(2, args.batch_size)
-    for sampler in SAMPLERS:     # warm-up: first-call allocations
+    for sampler in dict.fromkeys(SAMPLERS + tuple(args.samplers)):   # first-call allocations
         mdlm_generate(mtask, mdlm, sampler, 4, warm, args.batch_size, args.length, args.seed)
     for name in AR_MODELS:
         ar_generate(tasks[name], models[name], warm, args.batch_size, args.length, args.seed)
