@@ -88,10 +88,6 @@ def parse_args(argv=None):
     return args
 
 
-def resolve(path: str) -> str:
-    return path if os.path.isabs(path) else os.path.join(REPO, path)
-
-
 # --------------------------------------------------------------------------- checkpoints
 
 def train_command(model: str, args, data_dir: str, save_dir: str) -> List[str]:
@@ -114,7 +110,7 @@ def ensure_checkpoint(model: str, path: str, args, data_dir: str) -> Dict[str, o
     """The checkpoint at ``path``, or one trained now into --train-dir."""
     if os.path.isfile(path):
         return {"path": path, "trained_here": False}
-    save_dir = os.path.join(resolve(args.train_dir), model)
+    save_dir = os.path.join(reporting.in_repo(args.train_dir), model)
     trained = os.path.join(save_dir, "checkpoint_last.pt")
     if os.path.isfile(trained):
         print(f"{model}: {path} missing, using {trained} (trained earlier by this benchmark)")
@@ -401,25 +397,17 @@ def long_samples(models, tasks, args) -> List[Dict]:
 
 NOTES = [
     "ddpm and ddpm_cache consume the same random stream (two (B, L) uniform tensors per "
-    "step), so with the same seed they must give the same tokens and scores.",
-    "ddpm_cache runs the network only on the rows that changed since their last "
-    "evaluation. 'expected' is the number of row evaluations the schedule predicts "
-    "(`expected_calls`: it depends only on the schedule, T and L, not on the model or the "
-    "batch).",
-    "Skipped rows still take part in the step (two uniform tensors, the transition of "
-    "their masked positions), and a call on a subset of rows costs more per row than a "
-    "full batch: 'cache time in skipped work' estimates the share of ddpm_cache's time not "
-    "spent on evaluations as 1 - (its evaluations x ddpm's seconds per evaluation) / its "
-    "seconds.",
-    "AR: fairseq's SequenceGenerator (sampling=True, beam 1, min_len = max_len_b = {L}, "
-    "max_len_a = 0) from </s>, incremental decoding: {L1} decoder calls per batch ({L} "
-    "tokens and the forced </s>). min_len forbids </s> inside the sample, while MDLM samples "
-    "contain </s> between sentences: 'entropy w/o </s>' leaves it out of both. "
-    "transformer_lm is loaded with max_target_positions = {L1} so that the forced </s> fits.",
-    "CPU s is this process's user + system time over all threads; 'other load' is the share "
-    "of all cores' time used by other processes during the run (wall times of runs with a "
-    "high one are inflated). See benchmarks/README.md.",
-    "Entropy depends on training: the checkpoints' update counts are in the first table.",
+    "step), so with the same seed they must give the same tokens and scores; 'expected' "
+    "row evaluations depend only on the schedule, T and L (`expected_calls`).",
+    "'cache time in skipped work' = 1 - (ddpm_cache's evaluations x ddpm's seconds per "
+    "evaluation) / ddpm_cache's seconds: skipped rows still take part in each step.",
+    "AR: fairseq's SequenceGenerator (sampling, beam 1, min_len = max_len_b = {L}) from </s> "
+    "with incremental decoding, {L1} decoder calls per batch; min_len forbids </s> inside the "
+    "sample ('entropy w/o </s>' leaves it out of both); transformer_lm is loaded with "
+    "max_target_positions = {L1}.",
+    "CPU s: this process's user + system time; 'other load': the share of all cores' time "
+    "other processes used (wall times of runs with a high one are inflated). Entropy depends "
+    "on training (update counts in the first table). More: benchmarks/README.md.",
 ]
 
 
@@ -610,7 +598,8 @@ def measure_all(args, data_dir: str) -> Dict[str, object]:
     paths = [("mdlm_tiny", args.mdlm_ckpt), ("transformer_lm", args.transformer_lm_ckpt),
              ("mdlm_ar_tiny", args.ar_ckpt)] + ([("bd3_tiny", args.block_ckpt)] if
                                                 args.long_length else [])
-    ckpts = {name: ensure_checkpoint(name, resolve(path), args, data_dir) for name, path in paths}
+    ckpts = {name: ensure_checkpoint(name, reporting.in_repo(path), args, data_dir)
+             for name, path in paths}
     for name in ("fairseq", "mdlm_plugin", "matplotlib"):
         logging.getLogger(name).setLevel(logging.WARNING)
     utils.import_user_module(argparse.Namespace(user_dir=recipes.PLUGIN))
@@ -640,10 +629,10 @@ def measure_all(args, data_dir: str) -> Dict[str, object]:
 
 def main(argv=None):
     args = parse_args(argv)
-    out_dir = resolve(args.output_dir)
+    out_dir = reporting.in_repo(args.output_dir)
     if args.report_only:
         return write_outputs(reporting.read_json(os.path.join(out_dir, "results.json")), out_dir)
-    data_dir = resolve(args.data)
+    data_dir = reporting.in_repo(args.data)
     if not os.path.isfile(os.path.join(data_dir, "dict.txt")):
         sys.exit(f"error: {data_dir} has no dict.txt (make it with bash examples/ptb/prepare.sh)")
     os.makedirs(out_dir, exist_ok=True)

@@ -80,10 +80,6 @@ def parse_args(argv=None):
     return args
 
 
-def resolve(path: str) -> str:
-    return path if os.path.isabs(path) else os.path.join(REPO, path)
-
-
 def check_data(data_dir: str) -> None:
     missing = [f for f in ("dict.txt", "train.bin", "train.idx")
                if not os.path.isfile(os.path.join(data_dir, f))]
@@ -434,10 +430,10 @@ def run_all(args, data_dir: str, device: str, log_dir: str) -> List[Run]:
 
 def main(argv=None):
     args = parse_args(argv)
-    out_dir = resolve(args.output_dir)
+    out_dir = reporting.in_repo(args.output_dir)
     if args.report_only:
         return write_outputs(reporting.read_json(os.path.join(out_dir, "results.json")), out_dir)
-    data_dir = resolve(args.data)
+    data_dir = reporting.in_repo(args.data)
     check_data(data_dir)
     device = pick_device(args.device)
     log_dir = os.path.join(out_dir, "logs")

@@ -46,6 +46,11 @@ def md_table(head: Sequence, rows: Sequence[Sequence], align: str = "") -> str:
     return "\n".join(lines)
 
 
+def in_repo(path: str) -> str:
+    """A path relative to the repository root (absolute paths unchanged)."""
+    return os.path.join(REPO, path)
+
+
 def read_json(path: str):
     with open(path) as f:
         return json.load(f)
