@@ -305,12 +305,10 @@ def main(argv=None):
               "ratio": reporting.ratio(summary.get("mdlm", {}).get("tokens_per_s"),
                                        summary.get("transformer_lm", {}).get("tokens_per_s")),
               "total_s": round(time.time() - t0, 1)}
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump({"header": header, "args": vars(args), "summary": summary, "runs": runs},
-                  f, indent=1)
+    reporting.write_text(os.path.join(args.output_dir, "results.json"), json.dumps(
+        {"header": header, "args": vars(args), "summary": summary, "runs": runs}, indent=1))
     md = markdown(header, summary, args, runs)
-    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
-        f.write(md)
+    reporting.write_text(os.path.join(args.output_dir, "results.md"), md)
     plot(summary, os.path.join(args.output_dir, "throughput_mfu.png"),
          f"{args.layers}x{args.dim}, L={args.seq_len}, {args.precision}; {machine[:60]}")
     print(md)
