@@ -1,25 +1,15 @@
-"""Training tokens/s on CPU: one fairseq-train process vs N gloo ranks
-(``python -m mdlm_plugin.launch_cpu``), same model, same global batch.
+"""Training tokens/s on CPU: one fairseq-train process (all cores as threads, and 1
+thread) vs N gloo ranks (``python -m mdlm_plugin.launch_cpu``), same model, same global
+batch, runs interleaved. Setup and measures: benchmarks/README.md.
 
     python benchmarks/distributed_cpu.py [DATA_DIR=data-bin/ptb] [--updates 30] [--repeats 2]
     python benchmarks/distributed_cpu.py --report-only
-
-Runs are interleaved (1 process, 1 process with 1 thread, N ranks, 1 process, ...).
-One process gets all usable cores as torch threads (and, as a reference, 1 thread)
-and ``--batch-size B``; each rank gets cores / N threads and ``--batch-size B / N``,
-so every update sees B sequences either way.
-tokens/s is fairseq's ``wps`` of the ``train_inner`` JSON records after the first
-interval (warm-up), median over intervals, then over runs. "other load" is the share of
-the machine's CPU time used by other processes during a run (psutil's machine CPU time
-minus the run's own): runs with a high value are slowed by other jobs. Writes
-``benchmarks/results/distributed_cpu.md`` (and ``.json``).
 """
 import argparse
 import json
 import os
-import resource
+import re
 import statistics
-import subprocess
 import sys
 import time
 
@@ -27,6 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]
 import measure  # noqa: E402
 from mdlm_plugin import recipes, reporting  # noqa: E402
+
+WORK = "/tmp/mdlm_dist_bench"
 
 
 def parse_args(argv=None):
@@ -59,13 +51,13 @@ def commands(args, cores):
     """setup name -> (command, environment)."""
     if args.batch_size % args.nprocs:
         sys.exit(f"--batch-size {args.batch_size} is not divisible by --nprocs {args.nprocs}")
-    one = train_command(args, args.batch_size, "/tmp/mdlm_dist_bench/one",
+    one = train_command(args, args.batch_size, f"{WORK}/one",
                         [sys.executable, "-m", "fairseq_cli.train"], "cpu")
     per_rank = max(1, cores // args.nprocs)
     launcher = [sys.executable, "-m", "mdlm_plugin.launch_cpu", "--nprocs", str(args.nprocs),
-                "--threads-per-proc", str(per_rank), "--log-dir", "/tmp/mdlm_dist_bench/logs",
+                "--threads-per-proc", str(per_rank), "--log-dir", f"{WORK}/logs",
                 "--"]
-    many = train_command(args, args.batch_size // args.nprocs, "/tmp/mdlm_dist_bench/many",
+    many = train_command(args, args.batch_size // args.nprocs, f"{WORK}/many",
                          launcher, None)
     return {f"1 process, {cores} threads": (one, {"OMP_NUM_THREADS": str(cores)}),
             "1 process, 1 thread": (one, {"OMP_NUM_THREADS": "1"}),
@@ -78,22 +70,19 @@ def command_lines(cmds):
             + " ".join(cmd).replace(sys.executable, "python") for name, (cmd, env) in cmds.items()}
 
 
-def run(cmd, extra_env):
+def run(name, cmd, extra_env):
     env = dict(os.environ, PYTHONWARNINGS="ignore", **extra_env)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy0, total0 = measure.machine_cpu_seconds()
-    t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    wall = time.time() - t0
+    log = os.path.join(WORK, re.sub(r"\W+", "_", name) + ".log")
+    out = measure.run_logged(cmd, log, env, REPO, timeout=3600)
     busy1, total1 = measure.machine_cpu_seconds()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    own = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    inner = recipes.json_records(proc.stdout + proc.stderr, "train_inner")
+    if out["returncode"] != 0:
+        sys.exit(f"failed ({out['returncode']}): {' '.join(cmd)}\n{''.join(out['lines'][-30:])}")
+    own = out["usage"].ru_utime + out["usage"].ru_stime    # children included (wait4)
+    inner = recipes.json_records("".join(out["lines"]), "train_inner")
     wps = [float(r["wps"]) for r in inner]
     return {"wps_intervals": wps, "wps": statistics.median(wps[1:]) if len(wps) > 1 else None,
-            "bsz": sorted({r["bsz"] for r in inner}), "wall_s": round(wall, 1),
+            "bsz": sorted({r["bsz"] for r in inner}), "wall_s": round(out["wall_s"], 1),
             "cpu_s": round(own, 1),
             "other_load": round(measure.other_load(busy0, busy1, total0, total1, own), 3)}
 
@@ -127,17 +116,15 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.report_only:
-        with open(args.output + ".json") as f:
-            res = json.load(f)
-        with open(args.output + ".md", "w") as f:
-            f.write(report(res, res.get("argv", [])))
-        return
+        res = reporting.read_json(args.output + ".json")
+        return reporting.write_text(args.output + ".md", report(res, res.get("argv", [])))
     cores = reporting.usable_cores()
     cmds = commands(args, cores)
+    os.makedirs(WORK, exist_ok=True)
     results = {name: [] for name in cmds}
     for rep in range(args.repeats):
         for name, (cmd, env) in cmds.items():
-            results[name].append(run(cmd, env))
+            results[name].append(run(name, cmd, env))
             r = results[name][-1]
             print(f"run {rep + 1} {name}: {r['wps']:.0f} tokens/s (intervals "
                   f"{r['wps_intervals']}), other load {r['other_load']:.0%}", flush=True)
@@ -151,12 +138,9 @@ def main(argv=None):
            "median_wps": summary, "ratio": summary[names[2]] / summary[names[0]]}
     res["commands"] = command_lines(cmds)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output + ".json", "w") as f:
-        json.dump(res, f, indent=1)
-    text = report(res, argv)
-    with open(args.output + ".md", "w") as f:
-        f.write(text)
-    print(text)
+    reporting.write_text(args.output + ".json", json.dumps(res, indent=1))
+    reporting.write_text(args.output + ".md", report(res, argv))
+    print(report(res, argv))
 
 
 if __name__ == "__main__":

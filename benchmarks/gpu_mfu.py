@@ -1,17 +1,9 @@
 """GPU training speed and model FLOPs utilisation: MDLM `mdlm_small` vs fairseq's
-`transformer_lm` of the same size, at length 1024, in one run.
+`transformer_lm` of the same size, at length 1024, through fairseq-train (command lines from
+``mdlm_plugin.recipes``). FLOPs, MFU and the bf16 entry point: benchmarks/README.md.
 
     python benchmarks/gpu_mfu.py                 # on one H100/H200: about 4-6 minutes
     python benchmarks/gpu_mfu.py --smoke         # tiny sizes on CPU: checks the pipeline
-
-Each model is trained by fairseq-train (command lines from ``mdlm_plugin.recipes``) for
-``--warmup-updates`` + ``--updates`` updates on the same data (``--data DIR``, or a random
-corpus over ``--vocab`` words binarized here), batch, optimizer (``adamw_torch``) and
-precision; tokens/s is fairseq's ``wps`` (JSON log) over the measured updates only.
-``--precision bf16`` runs fairseq-train with its "--bf16 implies --tpu" undone
-(``_fairseq_train_bf16``). FLOPs per token and MFU: PaLM's convention (appendix B), see
-benchmarks/README.md. Writes results.json, results.md and throughput_mfu.png to
-``--output-dir`` (default benchmarks/results/gpu; ``--smoke``: WORKDIR/smoke_results).
 """
 import argparse
 import json
@@ -45,9 +37,9 @@ def _fairseq_train_bf16(argv):
 if __name__ == "__main__" and sys.argv[1:2] == ["--fairseq-train-bf16"]:
     sys.exit(_fairseq_train_bf16(sys.argv[2:]))     # before anything else imports fairseq
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path.insert(0, REPO)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]
+import measure  # noqa: E402
 from mdlm_plugin import recipes, reporting  # noqa: E402
 from mdlm_plugin.reporting import COLOURS  # noqa: E402
 
@@ -56,43 +48,36 @@ PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200", 989.4e12),
              ("H100", 989.4e12), ("A100", 312e12)]
 
 
+# flag -> (type, default, help)
+FLAGS = {"--data": (str, None, "binarized data (default: a random corpus, built once)"),
+         "--vocab": (int, 50257, "random corpus: vocabulary"),
+         "--corpus-tokens": (int, 2_000_000, "random corpus: training tokens"),
+         "--seq-len": (int, 1024, None), "--batch-size": (int, 32, "sequences per update"),
+         "--layers": (int, 12, None), "--dim": (int, 768, None), "--heads": (int, 12, None),
+         "--ffn": (int, 3072, "transformer_lm FFN width (MDLM's is 4 x dim)"),
+         "--warmup-updates": (int, 20, "updates not measured"),
+         "--updates": (int, 60, "measured updates"), "--log-interval": (int, 10, None),
+         "--repeats": (int, 2, "runs per model, interleaved"),
+         "--models": (str, "mdlm,transformer_lm", None), "--num-workers": (int, 2, None),
+         "--peak-tflops": (float, None, "peak dense bf16 TFLOP/s (default: from the GPU name)"),
+         "--run-timeout": (int, 240, "seconds per run"),
+         "--workdir": (str, "/tmp/mdlm_gpu_mfu", None),
+         "--output-dir": (str, None, "default benchmarks/results/gpu (--smoke: WORKDIR/...)")}
+SMOKE = dict(vocab=500, corpus_tokens=60_000, seq_len=64, batch_size=4, layers=2, dim=64,
+             heads=2, ffn=256, warmup_updates=2, updates=6, log_interval=2, num_workers=0,
+             repeats=1, run_timeout=300)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny models and data on CPU, to check the pipeline end to end")
-    p.add_argument("--data", default=None,
-                   help="binarized data directory (default: a random corpus, built once)")
-    p.add_argument("--vocab", type=int, default=50257, help="random corpus: vocabulary")
-    p.add_argument("--corpus-tokens", type=int, default=2_000_000,
-                   help="random corpus: training tokens")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny models and data on CPU")
     p.add_argument("--precision", choices=["bf16", "fp16", "amp"], default="bf16")
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per update")
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--dim", type=int, default=768)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--ffn", type=int, default=3072, help="transformer_lm FFN width "
-                   "(MDLM's is 4 x dim)")
-    p.add_argument("--warmup-updates", type=int, default=20,
-                   help="updates not measured (CUDA init, allocator, kernel selection)")
-    p.add_argument("--updates", type=int, default=60, help="measured updates")
-    p.add_argument("--log-interval", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=2, help="runs per model, interleaved")
-    p.add_argument("--models", default="mdlm,transformer_lm")
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak dense bf16 TFLOP/s (default: from the GPU's name)")
-    p.add_argument("--run-timeout", type=int, default=240, help="seconds per run")
-    p.add_argument("--workdir", default="/tmp/mdlm_gpu_mfu")
-    p.add_argument("--output-dir", default=None)
+    for flag, (kind, default, text) in FLAGS.items():
+        p.add_argument(flag, type=kind, default=default, help=text)
     args = p.parse_args(argv)
-    if args.smoke:
-        for k, v in dict(vocab=500, corpus_tokens=60_000, seq_len=64, batch_size=4, layers=2,
-                         dim=64, heads=2, ffn=256, warmup_updates=2, updates=6,
-                         log_interval=2, num_workers=0, repeats=1, run_timeout=300).items():
-            if getattr(args, k) == p.get_default(k):
-                setattr(args, k, v)
+    for k, v in SMOKE.items() if args.smoke else ():
+        if getattr(args, k) == p.get_default(k):
+            setattr(args, k, v)
     if args.updates % args.log_interval or args.warmup_updates % args.log_interval:
         p.error("--updates and --warmup-updates must be multiples of --log-interval")
     if args.output_dir is None:
@@ -154,26 +139,14 @@ def train_command(model, args, data, device):
 
 
 def run_once(model, rep, args, data, device, log_dir):
-    cmd = train_command(model, args, data, device)
+    cmd, log = train_command(model, args, data, device), f"{log_dir}/{model}_run{rep}.log"
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
-    t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=args.run_timeout)
-        text, code = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as e:
-        text, code = _text(e.stdout) + _text(e.stderr), f"timeout after {args.run_timeout} s"
-    wall = time.time() - t0
-    with open(os.path.join(log_dir, f"{model}_run{rep}.log"), "w") as f:
-        f.write(" ".join(shlex.quote(c) for c in cmd) + "\n\n" + text)
-    if code != 0:
-        sys.exit(f"{model} run {rep} failed ({code}); log: {log_dir}/{model}_run{rep}.log\n"
-                 f"{text[-3000:]}")
-    return parse_run(model, text, args, wall, cmd)
-
-
-def _text(x):
-    return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+    out = measure.run_logged(cmd, log, env, REPO, args.run_timeout)
+    text = "".join(out["lines"])
+    if out["returncode"] != 0:
+        why = f"timeout after {args.run_timeout} s" if out["timed_out"] else out["returncode"]
+        sys.exit(f"{model} run {rep} failed ({why}); log: {log}\n{text[-3000:]}")
+    return parse_run(model, text, args, out["wall_s"], cmd)
 
 
 def parse_run(model, text, args, wall, cmd):
@@ -332,12 +305,10 @@ def main(argv=None):
               "ratio": reporting.ratio(summary.get("mdlm", {}).get("tokens_per_s"),
                                        summary.get("transformer_lm", {}).get("tokens_per_s")),
               "total_s": round(time.time() - t0, 1)}
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump({"header": header, "args": vars(args), "summary": summary, "runs": runs},
-                  f, indent=1)
+    reporting.write_text(os.path.join(args.output_dir, "results.json"), json.dumps(
+        {"header": header, "args": vars(args), "summary": summary, "runs": runs}, indent=1))
     md = markdown(header, summary, args, runs)
-    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
-        f.write(md)
+    reporting.write_text(os.path.join(args.output_dir, "results.md"), md)
     plot(summary, os.path.join(args.output_dir, "throughput_mfu.png"),
          f"{args.layers}x{args.dim}, L={args.seq_len}, {args.precision}; {machine[:60]}")
     print(md)

@@ -1,10 +1,13 @@
 """Process and machine measurements shared by the benchmarks, through psutil: CPU time of
 a process (and of the whole machine, to tell how much other jobs used), the resident
-memory of a process tree, and a timer that gives both for a block of code."""
+memory of a process tree, a timer that gives both for a block of code, and a runner for
+a logged fairseq subprocess."""
 import os
+import shutil
+import subprocess
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import psutil
 
@@ -99,3 +102,57 @@ class Meter:
         return {"wall_s": self.wall_s, "cpu_s": self.cpu_s,
                 "load_before": round(self.load_before, 2),
                 "load_after": round(self.load_after, 2), "other_load": self.other_load}
+
+
+def nvidia_smi(*query: str) -> List[str]:
+    """nvidia-smi's CSV lines for ``query`` (none without nvidia-smi); this process
+    creates no CUDA context that would sit on the GPU during the runs."""
+    smi = shutil.which("nvidia-smi")
+    try:
+        return subprocess.run([smi, *query, "--format=csv,noheader,nounits"], capture_output=True,
+                              text=True, timeout=30).stdout.splitlines() if smi else []
+    except (OSError, subprocess.SubprocessError):
+        return []
+
+
+def smi_used_mib(pids) -> float:
+    """GPU memory nvidia-smi reports for the processes ``pids``."""
+    rows = [[x.strip() for x in line.split(",")]
+            for line in nvidia_smi("--query-compute-apps=pid,used_memory")]
+    return sum(float(r[1]) for r in rows if len(r) == 2 and r[0].isdigit() and int(r[0]) in pids)
+
+
+def run_logged(cmd: List[str], log_file: str, env: Dict[str, str], cwd: str, timeout: float,
+               on_line: Callable[[str, int], None] = lambda line, pid: None,
+               gpu: bool = False) -> Dict[str, object]:
+    """Run ``cmd``, writing its output to ``log_file`` line by line and passing each line
+    (and the pid) to ``on_line``. Returns its output, exit code, wall time, ``wait4``
+    resource usage (exact CPU time and peak RSS, children included), whether
+    ``timeout`` killed it, and the sampled peak RSS of its process tree (and of its GPU
+    memory with ``gpu``)."""
+    start, lines, usage = time.monotonic(), [], None
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    sampler = TreeMemorySampler(proc.pid, smi_used_mib if gpu else None)
+    sampler.start()
+    killer = threading.Timer(timeout, proc.kill)
+    killer.start()
+    try:
+        with open(log_file, "w") as log:
+            for line in proc.stdout:
+                log.write(line)
+                lines.append(line)
+                on_line(line, proc.pid)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        timed_out = killer.finished.is_set()      # set once the timer fired
+        killer.cancel()
+        sampler.stop.set()
+        sampler.join()
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+    return {"lines": lines, "returncode": proc.returncode, "usage": usage,
+            "wall_s": time.monotonic() - start, "timed_out": timed_out,
+            "tree_rss_peak_mib": sampler.rss_peak_mib or None, "smi_peak_mib": sampler.smi_peak_mib}

@@ -1,11 +1,7 @@
 #!/usr/bin/env python
 """Training throughput and peak memory: MDLM ``mdlm_tiny`` vs fairseq ``transformer_lm``
-of the same depth, width, heads and FFN, each trained by ``fairseq-train`` (one
-subprocess per run, command lines from ``mdlm_plugin.recipes``) on the same data, batch,
-optimizer and updates, runs interleaved. Throughput: fairseq's ``wps`` of the
-``train_inner`` JSON records after the warm-up intervals; memory: the child's peak RSS
-(``wait4``) on CPU, fairseq's ``gb_free`` and nvidia-smi on GPU; CPU time and other
-processes' load: psutil. What is measured and why: benchmarks/README.md.
+of the same size, each trained by ``fairseq-train`` (command lines from
+``mdlm_plugin.recipes``), runs interleaved. What is measured and why: benchmarks/README.md.
 
     python benchmarks/train_throughput.py [DATA_DIR=data-bin/ptb] [--updates 60] [--repeats 2]
     python benchmarks/train_throughput.py --report-only [--output-dir DIR]
@@ -15,13 +11,9 @@ import json
 import os
 import re
 import shlex
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
@@ -33,6 +25,7 @@ from mdlm_plugin.reporting import COLOURS, fmt, pct  # noqa: E402
 
 MDLM = "mdlm_tiny"
 BASELINE = "transformer_lm"
+BD3 = "bd3_tiny"       # mdlm_tiny with --block-size (issue 10)
 MODELS = (MDLM, BASELINE)
 MACHINE_KEYS = ("date", "cpu", "cpu_cores", "cpu_cores_usable", "torch_threads",
                 "load_average", "device", "gpu", "python", "torch", "fairseq", "mdlm_plugin",
@@ -47,40 +40,32 @@ GPU_MEMORY = [("peak torch allocated (GiB, from gb_free)", "gpu_peak_allocated_g
               ("peak nvidia-smi process memory (MiB)", "gpu_smi_peak_mib", ",.0f", False),
               ("peak host RSS (MiB)", "peak_rss_mib", ",.0f", False)]
 PARAMS = [("parameters", "params", ",.0f", False)]
+SPECS = {k: s for _, k, s, _ in METRICS + CPU_MEMORY + GPU_MEMORY + PARAMS}
+# flag -> (type, default, help); see benchmarks/README.md for what each changes
+FLAGS = {"--updates": (int, 60, "training updates per run"),
+         "--log-interval": (int, 10, "updates per train_inner record (one throughput sample)"),
+         "--warmup-intervals": (int, 1, "leading train_inner intervals not measured"),
+         "--repeats": (int, 2, "runs per model (interleaved)"),
+         "--batch-size": (int, 32, "sequences per batch"),
+         "--tokens-per-sample": (int, 128, "tokens per sequence"),
+         "--lr": (float, 1e-3, "Adam learning rate (fixed)"),
+         "--dropout": (float, 0.1, "dropout of both models"), "--seed": (int, 1, ""),
+         "--num-workers": (int, 0, "fairseq data workers (0: one process, exact peak RSS)"),
+         "--block-size": (int, None, "also train BD3: mdlm_tiny with this --block-size"),
+         "--threads": (int, None, "OMP/MKL_NUM_THREADS of the runs (default: torch's)"),
+         "--output-dir": (str, "benchmarks/results", "results, plot and logs (repo-relative)"),
+         "--run-timeout": (float, 3600.0, "seconds before a run is killed")}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Training throughput (tokens/s) and peak memory of MDLM mdlm_tiny vs "
-                    "fairseq transformer_lm of the same size, through fairseq-train.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("data", nargs="?", default="data-bin/ptb",
-                   help="fairseq-preprocess --only-source output directory (relative paths "
-                        "are resolved against the repository root)")
-    p.add_argument("--updates", type=int, default=60, help="training updates per run")
-    p.add_argument("--log-interval", type=int, default=10,
-                   help="updates per train_inner log record (one throughput sample)")
-    p.add_argument("--warmup-intervals", type=int, default=1,
-                   help="leading train_inner intervals discarded as warm-up")
-    p.add_argument("--repeats", type=int, default=2, help="runs per model (interleaved)")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per batch")
-    p.add_argument("--tokens-per-sample", type=int, default=128, help="tokens per sequence")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (fixed)")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout of both models")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--num-workers", type=int, default=0,
-                   help="fairseq data-loading workers (0 keeps each run one process, so "
-                        "its peak RSS is the whole run's)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto: cuda when torch sees a GPU, else cpu")
-    p.add_argument("--amp", action="store_true", help="on GPU, pass --amp to both runs")
-    p.add_argument("--threads", type=int, default=None,
-                   help="OMP_NUM_THREADS / MKL_NUM_THREADS for the runs (default: torch's)")
-    p.add_argument("--output-dir", default="benchmarks/results",
-                   help="results.json, results.md, throughput_memory.png and the run logs "
-                        "(relative to the repository root)")
-    p.add_argument("--run-timeout", type=float, default=3600.0,
-                   help="seconds before a single run is killed")
+                   help="fairseq-preprocess --only-source directory (repo-relative)")
+    for flag, (kind, default, text) in FLAGS.items():
+        p.add_argument(flag, type=kind, default=default, help=text or None)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--amp", action="store_true", help="GPU only: --amp for both runs")
     p.add_argument("--report-only", action="store_true",
                    help="only rewrite results.md and the plot from --output-dir/results.json")
     args = p.parse_args(argv)
@@ -93,10 +78,6 @@ def parse_args(argv=None):
     if args.amp and args.device == "cpu":
         p.error("--amp is for GPU runs")
     return args
-
-
-def resolve(path: str) -> str:
-    return path if os.path.isabs(path) else os.path.join(REPO, path)
 
 
 def check_data(data_dir: str) -> None:
@@ -116,28 +97,6 @@ def pick_device(choice: str) -> str:
     return choice if choice != "auto" else ("cuda" if has_cuda else "cpu")
 
 
-def nvidia_smi(*query: str) -> List[str]:
-    """nvidia-smi's CSV lines for ``query`` (none without nvidia-smi); this process
-    creates no CUDA context that would sit on the GPU during the runs."""
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return []
-    try:
-        return subprocess.run([smi, *query, "--format=csv,noheader,nounits"],
-                              capture_output=True, text=True, timeout=30).stdout.splitlines()
-    except (OSError, subprocess.SubprocessError):
-        return []
-
-
-def smi_used_mib(pids) -> float:
-    used = 0.0
-    for line in nvidia_smi("--query-compute-apps=pid,used_memory"):
-        parts = [x.strip() for x in line.split(",")]
-        if len(parts) == 2 and parts[0].isdigit() and int(parts[0]) in pids:
-            used += float(parts[1])
-    return used
-
-
 def train_command(model: str, args, data_dir: str, device: str, save_dir: str) -> List[str]:
     protocol = recipes.data_flags(args.tokens_per_sample, args.batch_size) + [
         "--optimizer", "adam", "--lr", args.lr, "--lr-scheduler", "fixed",
@@ -145,9 +104,10 @@ def train_command(model: str, args, data_dir: str, device: str, save_dir: str) -
         "--log-format", "json", "--log-interval", args.log_interval,
         "--no-save", "--save-dir", save_dir, "--disable-validation",
         "--num-workers", args.num_workers]
-    size = None if model == MDLM else recipes.ARCH_SIZES["tiny"]   # transformer_lm sized to match
-    return recipes.train_command("mdlm" if model == MDLM else BASELINE, data_dir, protocol,
-                                 size=size, dropout=args.dropout, device=device,
+    size = recipes.ARCH_SIZES["tiny"] if model == BASELINE else None   # sized to match
+    extra = ["--block-size", args.block_size] if model == BD3 else []
+    return recipes.train_command(BASELINE if model == BASELINE else "mdlm", data_dir, protocol,
+                                 size=size, dropout=args.dropout, device=device, model_extra=extra,
                                  overrides=["--amp"] if device == "cuda" and args.amp else [])
 
 
@@ -204,33 +164,27 @@ def interval_stats(run: Run, warmup: int) -> None:
 
 def extract_model_config(line: str) -> Dict[str, object]:
     """The ``'model': {...}`` section of the config fairseq-train logs at start-up (a
-    Python repr, not JSON: fairseq logs its config no other way)."""
-    start = line.find("'model': {")
-    if start < 0:
-        return {}
-    i, depth = line.index("{", start), 0
-    for j in range(i, len(line)):
-        depth += {"{": 1, "}": -1}.get(line[j], 0)
-        if depth == 0:
-            break
-    config = {}
-    for key, value in re.findall(r"'(\w+)': ('[^']*'|[^,{}\[\]]+)", line[i + 1:j]):
-        value = value.strip().strip("'")
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                continue
-        config[key] = value
-    return config
+    Python repr with non-literal values, not JSON: fairseq logs its config no other way)."""
+    m = re.search(r"'model': \{([^{}]*)\}", line)
+    return {key: number(value.strip().strip("'")) for key, value in
+            re.findall(r"'(\w+)': ('[^']*'|[^,\[\]]+)", m.group(1) if m else "")}
+
+
+def number(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            continue
+    return text
 
 
 def check_architecture(model: str, config: Dict[str, object], log_text: str, args) -> Dict:
-    """Depth, width, heads, FFN and dropout as the child actually built them: depth and
-    FFN off the printed module tree, width off every embedding, heads and dropout off
-    the logged config. torch prints identical blocks once as "(0-3): 4 x Block(...)"."""
-    block, prefix = ("DiTBlock", "") if model == MDLM else ("TransformerDecoderLayer", "decoder_")
+    """Depth, width, heads, FFN and dropout as the child built them: depth and FFN off the
+    printed module tree ("(0-3): 4 x Block(...)"), width off every embedding, heads and
+    dropout off the logged config."""
+    block, prefix = ("TransformerDecoderLayer", "decoder_") if model == BASELINE else \
+        ("DiTBlock", "")
     embed_dims = sorted({int(d) for d in re.findall(r"Embedding\(\d+, (\d+)", log_text)})
     m = re.search(rf"\((\d+)-(\d+)\): (\d+) x {block}", log_text)
     layers = int(m.group(3)) if m else len(re.findall(rf"\(\d+\): {block}\w*\(", log_text))
@@ -239,20 +193,17 @@ def check_architecture(model: str, config: Dict[str, object], log_text: str, arg
              "ffn_256x1024_present": "Linear(in_features=256, out_features=1024" in log_text,
              "dropout": config.get("dropout"),
              "width_projections": len(re.findall(r"project_(?:in|out)_dim\): Linear", log_text))}
-    problems = []
-    if layers != 4:
-        problems.append(f"{layers} layers, expected 4")
-    if found["width"] != 256 or any(d != 256 for d in embed_dims):
-        problems.append(f"width {found['width']}, embeddings {embed_dims}, expected 256")
-    if found["heads"] != 4:
-        problems.append(f"{found['heads']} heads, expected 4")
-    if not found["ffn_256x1024_present"]:
-        problems.append("no 256 -> 1024 FFN layer")
-    if found["width_projections"]:
-        problems.append(f"{found['width_projections']} input/output width projections")
-    if found["dropout"] is not None and abs(float(found["dropout"]) - args.dropout) > 1e-9:
-        problems.append(f"dropout {found['dropout']}, expected {args.dropout}")
-    return {**found, "problems": problems}
+    dropout = found["dropout"]
+    checks = [(layers == 4, f"{layers} layers, expected 4"),
+              (found["width"] == 256 and all(d == 256 for d in embed_dims),
+               f"width {found['width']}, embeddings {embed_dims}, expected 256"),
+              (found["heads"] == 4, f"{found['heads']} heads, expected 4"),
+              (found["ffn_256x1024_present"], "no 256 -> 1024 FFN layer"),
+              (not found["width_projections"],
+               f"{found['width_projections']} input/output width projections"),
+              (dropout is None or abs(float(dropout) - args.dropout) <= 1e-9,
+               f"dropout {dropout}, expected {args.dropout}")]
+    return {**found, "problems": [text for ok, text in checks if not ok]}
 
 
 def read_line(run: Run, line: str, pid: int, gpu: Dict) -> None:
@@ -278,55 +229,28 @@ def read_line(run: Run, line: str, pid: int, gpu: Dict) -> None:
         run.config = extract_model_config(line)
 
 
-def execute(run: Run, args, device: str) -> tuple:
-    """Run fairseq-train, reading its log as it comes; (log lines, rusage, gpu, timed out)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if args.threads:
-        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    lines, gpu, usage = [], {}, None
-    start = time.monotonic()
-    proc = subprocess.Popen(run.command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
-    sampler = measure.TreeMemorySampler(proc.pid, smi_used_mib if device == "cuda" else None)
-    sampler.start()
-    killer = threading.Timer(args.run_timeout, proc.kill)
-    killer.start()
-    try:
-        with open(run.log_file, "w") as log:
-            for line in proc.stdout:
-                log.write(line)
-                lines.append(line)
-                read_line(run, line, proc.pid, gpu)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    finally:
-        timed_out = killer.finished.is_set()      # set once the timer fired
-        killer.cancel()
-        sampler.stop.set()
-        sampler.join()
-        if proc.returncode is None:
-            proc.kill()
-            proc.wait()
-    run.wall_s, run.returncode = time.monotonic() - start, proc.returncode
-    run.tree_rss_peak_mib = sampler.rss_peak_mib or None
-    run.gpu_smi_peak_mib = sampler.smi_peak_mib
-    return lines, usage, gpu, timed_out
-
-
 def run_once(model: str, repeat: int, args, data_dir: str, device: str, log_dir: str,
              save_dir: str) -> Run:
     run = Run(model=model, repeat=repeat,
               command=train_command(model, args, data_dir, device, save_dir),
               log_file=os.path.join(log_dir, f"{model}_run{repeat}.log"))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    gpu = {}
     run.load_before = [round(x, 2) for x in os.getloadavg()]
-    lines, usage, gpu, timed_out = execute(run, args, device)
+    out = measure.run_logged(run.command, run.log_file, env, REPO, args.run_timeout,
+                             lambda line, pid: read_line(run, line, pid, gpu), device == "cuda")
     run.load_after = [round(x, 2) for x in os.getloadavg()]
+    run.wall_s, run.returncode = out["wall_s"], out["returncode"]
+    run.tree_rss_peak_mib, run.gpu_smi_peak_mib = out["tree_rss_peak_mib"], out["smi_peak_mib"]
     if run.returncode != 0:
-        if timed_out:
+        if out["timed_out"]:
             sys.exit(f"error: {model} run {repeat} was killed after --run-timeout "
                      f"{args.run_timeout:g} s (log: {run.log_file})")
         sys.exit(f"error: {model} run {repeat} failed with exit status {run.returncode} "
-                 f"(full log: {run.log_file}); last lines:\n{''.join(lines[-30:])}")
+                 f"(full log: {run.log_file}); last lines:\n{''.join(out['lines'][-30:])}")
+    usage = out["usage"]
     run.cpu_s = usage.ru_utime + usage.ru_stime
     run.peak_rss_mib = usage.ru_maxrss / 1024            # Linux: KiB
     if run.rss_at_train_start_mib is not None:
@@ -334,7 +258,7 @@ def run_once(model: str, repeat: int, args, data_dir: str, device: str, log_dir:
     if "total_gib" in gpu and "gb_free_min" in gpu:
         run.gpu_peak_allocated_gib = gpu["total_gib"] - gpu["gb_free_min"]
     throughput(run, args)
-    run.arch_check = check_architecture(model, run.config, "".join(lines), args)
+    run.arch_check = check_architecture(model, run.config, "".join(out["lines"]), args)
     return run
 
 
@@ -354,24 +278,20 @@ def throughput(run: Run, args) -> None:
 
 # --------------------------------------------------------------------------- report
 
-def median_of(runs: List[Dict], attr: str) -> Optional[float]:
-    values = [r[attr] for r in runs if r.get(attr) is not None]
-    return statistics.median(values) if values else None
-
-
 def summarize(runs: List[Dict], device: str) -> List[Dict[str, object]]:
-    by_model = {m: [r for r in runs if r["model"] == m] for m in MODELS}
+    def median_of(model, attr):
+        values = [r[attr] for r in runs if r["model"] == model and r.get(attr) is not None]
+        return statistics.median(values) if values else None
     rows = []
-    for label, attr, spec, headline in METRICS + (CPU_MEMORY if device == "cpu" else GPU_MEMORY) \
+    for label, attr, _, headline in METRICS + (CPU_MEMORY if device == "cpu" else GPU_MEMORY) \
             + PARAMS:
-        a, b = median_of(by_model[MDLM], attr), median_of(by_model[BASELINE], attr)
+        a, b = median_of(MDLM, attr), median_of(BASELINE, attr)
         rows.append({"metric": label, "key": attr, "mdlm": a, "transformer_lm": b,
                      "ratio": reporting.ratio(a, b), "headline": headline})
+        if any(r["model"] == BD3 for r in runs):
+            c = median_of(BD3, attr)
+            rows[-1].update(bd3=c, bd3_over_mdlm=reporting.ratio(c, a))
     return rows
-
-
-def spec_of(key: str) -> str:
-    return next(s for _, k, s, _ in METRICS + CPU_MEMORY + GPU_MEMORY + PARAMS if k == key)
 
 
 def runs_tables(runs: List[Dict], device: str) -> List[str]:
@@ -401,35 +321,39 @@ def check_table(runs: List[Dict]) -> str:
                                "FFN 256->1024", "dropout"], rows, align="lrrrlrlr")
 
 
+NOTES = ("Notes: throughput is fairseq's `wps` of the `train_inner` lines after the first "
+         "{warmup_intervals} interval(s) of {log_interval} updates; both models count the "
+         "same non-padding tokens per batch. Peak RSS is the kernel's high-water mark of the "
+         "fairseq-train process (includes Python, torch and fairseq themselves); 'RSS "
+         "increase' subtracts the RSS at the start of training. 'tokens per CPU-second' "
+         "divides the tokens of the measured intervals by the fairseq-train process's "
+         "user+system CPU time over them: less sensitive to other load on the machine than "
+         "wall-clock tokens/s. 'other load' is the share of all cores' time that other "
+         "processes used during the measured intervals: wall-clock numbers from runs with a "
+         "high one are unreliable.")
+
+
 def markdown_report(res: Dict) -> str:
     h, s, runs = res["header"], res["settings"], res["runs"]
-    device = h["machine"]["device"]
-    summary = [[row["metric"], fmt(row["mdlm"], spec_of(row["key"])),
-                fmt(row["transformer_lm"], spec_of(row["key"])), fmt(row["ratio"], ".3f")]
-               for row in res["summary"]]
+    bd3 = "bd3" in res["summary"][0]
+    summary = [[row["metric"], fmt(row["mdlm"], SPECS[row["key"]]),
+                fmt(row["transformer_lm"], SPECS[row["key"]]), fmt(row["ratio"], ".3f")]
+               + ([fmt(row["bd3"], SPECS[row["key"]]), fmt(row["bd3_over_mdlm"], ".3f")]
+                  if bd3 else []) for row in res["summary"]]
     lines = ["# Training throughput: MDLM `mdlm_tiny` vs fairseq `transformer_lm`", "",
              "```", h["command"], "```", "", reporting.machine_table(h["machine"], MACHINE_KEYS),
              f"| data | `{h['data']}` |", f"| setup | {h['setup']} |", "",
              "## Summary (medians over runs; ratio = MDLM / transformer_lm)", "",
-             reporting.md_table(["metric", "mdlm_tiny", "transformer_lm", "ratio"], summary,
-                                align="lrrr"),
-             "", "## Runs (in execution order)", "", *runs_tables(runs, device), "",
+             reporting.md_table(["metric", "mdlm_tiny", "transformer_lm", "ratio"]
+                                + ([BD3, "BD3 / MDLM"] if bd3 else []), summary, align="lrrrrr"),
+             "", "## Runs (in execution order)", "",
+             *runs_tables(runs, h["machine"]["device"]), "",
              "## Configuration check (as the runs built it)", "", check_table(runs), "",
              "## Commands", ""]
-    for model in MODELS:
+    for model in dict.fromkeys(r["model"] for r in runs):
         cmd = next(r["command"] for r in runs if r["model"] == model)
         lines += [f"{model}:", "```", shlex.join(cmd), "```", ""]
-    return "\n".join(lines + [
-        "Notes: throughput is fairseq's `wps` of the `train_inner` lines after the first "
-        f"{s['warmup_intervals']} interval(s) of {s['log_interval']} updates; both "
-        "models count the same non-padding tokens per batch. Peak RSS is the kernel's "
-        "high-water mark of the fairseq-train process (includes Python, torch and fairseq "
-        "themselves); 'RSS increase' subtracts the RSS at the start of training. "
-        "'tokens per CPU-second' divides the tokens of the measured intervals by the "
-        "fairseq-train process's user+system CPU time over them: less sensitive to other "
-        "load on the machine than wall-clock tokens/s. 'other load' is the share of all "
-        "cores' time that other processes used during the measured intervals: wall-clock "
-        "numbers from runs with a high one are unreliable.", ""])
+    return "\n".join(lines + [NOTES.format(**s), ""])
 
 
 def plot(res: Dict, path: str) -> None:
@@ -439,12 +363,14 @@ def plot(res: Dict, path: str) -> None:
               ("peak_rss_mib", "peak RSS (MiB)") if device == "cpu"
               else ("gpu_peak_allocated_gib", "peak torch allocated (GiB)")]
     rows = {row["key"]: row for row in res["summary"]}
+    models = list(dict.fromkeys(r["model"] for r in runs))
+    column = {MDLM: "mdlm", BASELINE: "transformer_lm", BD3: "bd3"}
     fig, axes = reporting.pyplot().subplots(1, 2, figsize=(10, 4.2))
     for ax, (key, label) in zip(axes, panels):
-        heights = [rows[key]["mdlm"] or 0.0, rows[key]["transformer_lm"] or 0.0]
-        bars = ax.bar(range(2), heights, color=[COLOURS[m] for m in MODELS], width=0.6)
+        heights = [rows[key][column[m]] or 0.0 for m in models]
+        bars = ax.bar(range(len(models)), heights, color=[COLOURS[m] for m in models], width=0.6)
         top = max(heights)
-        for x, model in enumerate(MODELS):
+        for x, model in enumerate(models):
             ys = [r[key] for r in runs if r["model"] == model and r.get(key) is not None]
             top = max([top] + ys)
             ax.scatter([x] * len(ys), ys, color="black", s=14, zorder=3,
@@ -453,8 +379,8 @@ def plot(res: Dict, path: str) -> None:
             ax.annotate(f"{hgt:,.0f}" if hgt >= 10 else f"{hgt:.2f}",
                         (bar.get_x() + bar.get_width() / 2, hgt), ha="center", va="bottom",
                         fontsize=9, xytext=(0, 2), textcoords="offset points")
-        ax.set_xticks(range(2))
-        ax.set_xticklabels(MODELS)
+        ax.set_xticks(range(len(models)))
+        ax.set_xticklabels(models)
         ax.set(ylabel=label, ylim=(0, max(top, 1e-9) * 1.18))
         ax.set_title(f"{label}\nMDLM / transformer_lm = {fmt(rows[key]['ratio'], '.3f')}",
                      fontsize=10)
@@ -466,8 +392,7 @@ def plot(res: Dict, path: str) -> None:
 
 
 def write_outputs(res: Dict, out_dir: str) -> None:
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(markdown_report(res))
+    reporting.write_text(os.path.join(out_dir, "results.md"), markdown_report(res))
     plot(res, os.path.join(out_dir, "throughput_memory.png"))
 
 
@@ -484,11 +409,12 @@ def setup_line(args) -> str:
 
 def run_all(args, data_dir: str, device: str, log_dir: str) -> List[Run]:
     runs: List[Run] = []
+    models = MODELS + ((BD3,) if args.block_size else ())
     with tempfile.TemporaryDirectory(prefix="mdlm-bench-") as save_dir:
         for repeat in range(1, args.repeats + 1):
-            for model in MODELS:
-                print(f"[run {len(runs) + 1}/{2 * args.repeats}] {model} (repeat {repeat}) "
-                      f"load {os.getloadavg()[0]:.2f}", flush=True)
+            for model in models:
+                print(f"[run {len(runs) + 1}/{len(models) * args.repeats}] {model} (repeat "
+                      f"{repeat}) load {os.getloadavg()[0]:.2f}", flush=True)
                 run = run_once(model, repeat, args, data_dir, device, log_dir, save_dir)
                 if len(runs) < 2:
                     print("    $ " + shlex.join(run.command), flush=True)
@@ -504,28 +430,24 @@ def run_all(args, data_dir: str, device: str, log_dir: str) -> List[Run]:
 
 def main(argv=None):
     args = parse_args(argv)
-    out_dir = resolve(args.output_dir)
+    out_dir = reporting.in_repo(args.output_dir)
     if args.report_only:
-        with open(os.path.join(out_dir, "results.json")) as f:
-            return write_outputs(json.load(f), out_dir)
-    data_dir = resolve(args.data)
+        return write_outputs(reporting.read_json(os.path.join(out_dir, "results.json")), out_dir)
+    data_dir = reporting.in_repo(args.data)
     check_data(data_dir)
     device = pick_device(args.device)
     log_dir = os.path.join(out_dir, "logs")
     os.makedirs(log_dir, exist_ok=True)
-    command = shlex.join([sys.executable] + sys.argv) if argv is None else \
-        shlex.join([sys.executable, __file__] + list(argv))
-    gpu = ", ".join(nvidia_smi("--query-gpu=name,memory.total")[:1]) or None
+    gpu = ", ".join(measure.nvidia_smi("--query-gpu=name,memory.total")[:1]) or None
     machine = reporting.machine(device, args.threads, gpu if device == "cuda" else None)
-    header = {"command": command, "machine": machine, "data": data_dir, "setup": setup_line(args)}
-    print(f"command: {command}\nmachine: {reporting.machine_line(machine)}\n"
+    header = {"command": reporting.invocation(__file__, argv), "machine": machine,
+              "data": data_dir, "setup": setup_line(args)}
+    print(f"command: {header['command']}\nmachine: {reporting.machine_line(machine)}\n"
           f"setup: {header['setup']}", flush=True)
     runs = [asdict(r) for r in run_all(args, data_dir, device, log_dir)]
-    summary = summarize(runs, device)
-    res = {"header": header, "settings": vars(args), "summary": summary,
-           "ratios": {row["key"]: row["ratio"] for row in summary}, "runs": runs}
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(res, f, indent=2)
+    res = {"header": header, "settings": vars(args), "summary": summarize(runs, device),
+           "runs": runs}
+    reporting.write_text(os.path.join(out_dir, "results.json"), json.dumps(res, indent=2))
     write_outputs(res, out_dir)
     print(markdown_report(res).split("## Runs")[0])
     print(f"wrote {out_dir}/results.json, results.md, throughput_memory.png, logs/*.log")

@@ -134,21 +134,23 @@ def ar_samples(model, n: int, length: int, bos: int, seed: int, batch_size: int 
 
 
 def mdlm_samples(task, model, n: int, length: int, steps: int, sampler: str, seed: int,
-                 batch_size: int = 16) -> Tuple[torch.Tensor, Dict[str, float]]:
+                 batch_size: int = 16, semi_ar_stride: int = 0
+                 ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """``n`` unconditional MDLM samples of ``length`` tokens through the task's own
-    generator (what fairseq-generate / fairseq-interactive build), and its statistics."""
+    generator (what fairseq-generate / fairseq-interactive build), and its statistics
+    (``scores``: each token's log-probability, what the P- lines print)."""
     from fairseq.dataclass.configs import GenerationConfig
     task.args.sampler, task.args.steps, task.args.seed = sampler, steps, seed
-    task.args.gen_length, task.args.semi_ar_stride = length, 0
+    task.args.gen_length, task.args.semi_ar_stride = length, semi_ar_stride
     gen = task.build_generator([model], GenerationConfig())   # temperature 1, no top-p
-    rows = []
+    hypos = []
     for b in batches(n, batch_size):
-        hypos = gen.generate_from_prompts([torch.empty(0, dtype=torch.long)] * b)
-        rows += [h[0]["tokens"] for h in hypos]
+        hypos += [h[0] for h in gen.generate_from_prompts([torch.empty(0, dtype=torch.long)] * b)]
     st = gen.stats
-    return torch.stack(rows), {"network_calls": st.network_calls, "row_calls": st.row_calls,
-                               "seconds": st.seconds,
-                               "mean_unigram_entropy": st.mean_unigram_entropy}
+    return torch.stack([h["tokens"] for h in hypos]), {
+        "network_calls": st.network_calls, "row_calls": st.row_calls, "seconds": st.seconds,
+        "mean_unigram_entropy": st.mean_unigram_entropy,
+        "scores": torch.stack([h["positional_scores"] for h in hypos])}
 
 
 def split_stream(data_dir: str, split: str) -> torch.Tensor:

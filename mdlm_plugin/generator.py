@@ -70,6 +70,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .block_generation import check_block_options, generate_block_rows
 from .diffusion.samplers import SamplerConfig, sample, sample_semi_ar, unigram_entropy
 from .errors import MDLMUserError
 
@@ -153,7 +154,7 @@ class MaskedDiffusionGenerator:
                  sampler: str = "ddpm_cache", steps: int = 128, gen_length: int,
                  window: int, semi_ar_stride: int = 0, temperature: float = 1.0,
                  top_p: float = 1.0, nbest: int = 1, seed: int = 1,
-                 retain_history: bool = False):
+                 retain_history: bool = False, stop_at_eos: bool = False):
         self.model = model
         self.schedule = schedule
         self.mask_index = mask_index
@@ -172,7 +173,11 @@ class MaskedDiffusionGenerator:
         if nbest < 1:
             raise MDLMUserError(f"--nbest must be >= 1, got {nbest}")
         self.gen_length, self.window, self.nbest, self.seed = gen_length, window, nbest, seed
-        self.semi_ar = semi_ar_stride > 0 or gen_length > window
+        self.block_size = getattr(model, "block_size", None)     # block diffusion: L'
+        check_block_options(self.block_size, semi_ar_stride=semi_ar_stride,
+                            retain_history=retain_history, stop_at_eos=stop_at_eos)
+        self.stop_at_eos = stop_at_eos
+        self.semi_ar = not self.block_size and (semi_ar_stride > 0 or gen_length > window)
         self.stride = semi_ar_stride or max(1, window // 2)
         if retain_history and self.semi_ar:
             raise MDLMUserError(
@@ -228,7 +233,8 @@ class MaskedDiffusionGenerator:
                    temperature=getattr(gen_args, "temperature", 1.0),
                    top_p=1.0 if top_p < 0 else top_p,
                    nbest=getattr(gen_args, "nbest", 1), seed=args.seed,
-                   retain_history=bool(getattr(gen_args, "retain_iter_history", False)))
+                   retain_history=bool(getattr(gen_args, "retain_iter_history", False)),
+                   stop_at_eos=bool(getattr(args, "stop_at_eos", False)))
 
     # ----------------------------------------------------------------- inputs
 
@@ -286,7 +292,9 @@ class MaskedDiffusionGenerator:
         start = time.perf_counter()
         calls = [0, 0]
         one_run = [r for r in rows if r.template or not self.semi_ar]
-        if one_run:
+        if self.block_size:
+            generate_block_rows(self, rows, calls)
+        elif one_run:
             self._sample_one_window(one_run, calls)
         by_length = {}                 # semi-AR continuations, grouped by prompt length
         for r in rows:

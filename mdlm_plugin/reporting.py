@@ -5,9 +5,12 @@ only by :func:`pyplot`.
 """
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
+import shlex
 import subprocess
+import sys
 from typing import Dict, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,7 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # one colour per model and per MDLM sampler, in every figure
 COLOURS = {"mdlm": "tab:blue", "mdlm_tiny": "tab:blue", "mdlm_ar": "tab:green",
            "mdlm_ar_tiny": "tab:green", "transformer_lm": "tab:red",
-           "ddpm": "tab:orange", "ddpm_cache": "tab:purple", "test data": "grey"}
+           "ddpm": "tab:orange", "ddpm_cache": "tab:purple", "test data": "grey",
+           "bd3_tiny": "tab:cyan"}
 
 
 # --------------------------------------------------------------------------- numbers, tables
@@ -40,6 +44,21 @@ def md_table(head: Sequence, rows: Sequence[Sequence], align: str = "") -> str:
     lines = ["| " + " | ".join(map(str, head)) + " |", "|" + "|".join(seps) + "|"]
     lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def in_repo(path: str) -> str:
+    """A path relative to the repository root (absolute paths unchanged)."""
+    return os.path.join(REPO, path)
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
 
 
 # --------------------------------------------------------------------------- machine
@@ -74,6 +93,11 @@ def git_revision() -> str:
         return (rev or "unknown") + (" (+ uncommitted changes)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def invocation(script: str, argv: Optional[Sequence[str]] = None) -> str:
+    """The command line that ran ``script`` (``argv``: what main() got instead of sys.argv)."""
+    return shlex.join([sys.executable] + (sys.argv if argv is None else [script, *argv]))
 
 
 def usable_cores() -> int:

@@ -49,15 +49,21 @@ TINY_MODEL = ["--arch", "mdlm_tiny", *recipes.size_flags("mdlm", TINY_SIZE),
               "--tokens-per-sample", "32"]
 
 
+def train_tiny(data, save, criterion="mdlm", updates=80):
+    """fairseq-train a tiny model with ``criterion`` (JSON log every 10 updates); returns
+    the log text."""
+    proc = fairseq_cli(
+        "train", data, "--user-dir", USER_DIR, "--task", "masked_diffusion",
+        "--criterion", criterion, *TINY_MODEL, "--batch-size", "16", "--optimizer", "adam",
+        "--lr", "3e-3", "--max-update", updates, "--cpu", "--save-dir", save, "--seed", "3",
+        "--log-format", "json", "--log-interval", "10", "--no-epoch-checkpoints",
+        "--num-workers", "0")
+    return proc.stdout + proc.stderr
+
+
 @pytest.fixture(scope="session")
 def trained_tiny(ptb_tiny, tmp_path_factory):
     """A tiny MDLM trained by fairseq-train for a few dozen updates; returns its
     checkpoint dir and the JSON training log lines."""
     save = tmp_path_factory.mktemp("ckpt")
-    proc = fairseq_cli(
-        "train", ptb_tiny, "--user-dir", USER_DIR, "--task", "masked_diffusion",
-        "--criterion", "mdlm", *TINY_MODEL, "--batch-size", "16", "--optimizer", "adam",
-        "--lr", "3e-3", "--max-update", "80", "--cpu", "--save-dir", save, "--seed", "3",
-        "--log-format", "json", "--log-interval", "10", "--no-epoch-checkpoints",
-        "--num-workers", "0")
-    return save, proc.stdout + proc.stderr
+    return save, train_tiny(ptb_tiny, save)

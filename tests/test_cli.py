@@ -45,7 +45,8 @@ def test_validate_prints_a_reproducible_bound(ptb_tiny, trained_tiny):
     assert a["bound_se"] > 0 and "ppl_se" in a
     # every token of the split is scored (fairseq's default batching drops a tail)
     from fairseq.data import data_utils
-    assert a["wpb"] == data_utils.load_indexed_dataset(str(ptb_tiny / "test"), None).sizes.sum()
+    split = data_utils.load_indexed_dataset(str(ptb_tiny / "test"), None)
+    assert a["wpb"] == int(split.sizes.sum())   # (split kept alive: sizes is a view of its mmap)
     c = _validate(ptb_tiny, ckpt, "--eval-passes", "3", "--eval-seed", "7")
     assert c["loss"] != a["loss"]                     # the seed really drives the draws
     assert abs(c["loss"] - a["loss"]) < 6 * a["bound_se"] + 0.05
@@ -76,6 +77,34 @@ def _train(data, tmp_path, *extra):
 def test_unknown_architecture(ptb_tiny, tmp_path):
     text = _error_of(_train(ptb_tiny, tmp_path, "--arch", "mdlm_huge"))
     assert "invalid choice: 'mdlm_huge'" in text and "mdlm_tiny" in text
+
+
+def test_add_bos_token_is_refused(ptb_tiny, tmp_path):
+    """<s> at the head of every target would be a free token for the bound only
+    (fairseq-eval-lm drops it on the AR side): refused, as the task docstring says."""
+    text = _error_of(_train(ptb_tiny, tmp_path, "--arch", "mdlm_tiny", "--add-bos-token"))
+    assert "mdlm_plugin: error: --add-bos-token is not supported by --task masked_diffusion" \
+        in text and "drop the flag" in text
+
+
+def test_scored_tokens_are_printed_exactly():
+    """fairseq prints numbers with 6 significant digits (2.46913e+06); the bound's own
+    count of a 2.5M-token split reaches the JSON and text logs digit for digit."""
+    from fairseq import metrics
+    from fairseq.logging.progress_bar import JsonProgressBar, SimpleProgressBar
+    from mdlm_plugin.criterions.bound import DiffusionBoundCriterion
+    counts = [1_234_567, 1_234_568, 1]
+    outputs = [{"loss": 0.7 * n, "ntokens": n, "nmasked": n // 2, "_pass0": 0.6 * n,
+                "_pass1": 0.8 * n} for n in counts]
+    with metrics.aggregate(new_root=True) as agg:
+        DiffusionBoundCriterion.reduce_metrics(outputs)
+        stats = agg.get_smoothed_values()
+    assert "{:g}".format(sum(counts)) == "2.46914e+06"          # what fairseq prints for a number
+    as_json = json.loads(json.dumps(JsonProgressBar([])._format_stats(stats)))
+    assert int(as_json["scored_tokens"]) == sum(counts) == 2_469_136
+    assert "scored_tokens 2469136" in SimpleProgressBar([])._str_pipes(
+        SimpleProgressBar([])._format_stats(stats))
+    assert stats["bound_se"] > 0
 
 
 def test_unknown_schedule(ptb_tiny, tmp_path):

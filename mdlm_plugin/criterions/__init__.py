@@ -1,1 +1,1 @@
-from . import mdlm  # noqa: F401
+from . import mdlm, sedd  # noqa: F401

@@ -75,16 +75,22 @@ def mask_tokens(x: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, mask_
                 generator: Optional[torch.Generator] = None):
     """Forward process q(z_t | x): mask each (non-pad) token with prob 1 - alpha_t.
 
+    ``t`` is (B,) (one time per row) or (B, L) (one per token, e.g. per block).
     Returns ``(z_t, masked)`` where ``masked`` marks the positions turned into
     ``<mask>``. Padding is never masked.
     """
-    p = schedule.mask_prob(t.float()).unsqueeze(-1)
+    p = tokenwise(schedule.mask_prob(t.float()))
     u = torch.rand(x.shape, device=x.device, generator=generator)
     masked = u < p
     if pad_mask is not None:
         masked &= ~pad_mask
     z_t = x.masked_fill(masked, mask_index)
     return z_t, masked
+
+
+def tokenwise(v: torch.Tensor) -> torch.Tensor:
+    """A per-row (B,) quantity as (B, 1), broadcasting over tokens; (B, L) as is."""
+    return v.unsqueeze(-1) if v.dim() == 1 else v
 
 
 def loss_weights(t: torch.Tensor, schedule: NoiseSchedule, discrete_steps: int = 0) -> torch.Tensor:
@@ -114,34 +120,56 @@ class NelboTerms:
     t: torch.Tensor               # (B,) the times drawn
 
 
-def nelbo(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, mask_index: int,
-          pad_mask: Optional[torch.Tensor] = None, *, discrete_steps: int = 0,
-          antithetic: bool = True, eps_t: float = 1e-3,
-          generator: Optional[torch.Generator] = None,
-          t: Optional[torch.Tensor] = None) -> NelboTerms:
-    """Rao-Blackwellized NELBO of a batch ``x`` (B, L), one draw of t and of masks
-    (pass ``t`` (B,) to fix the times instead of drawing them).
-
-    Sum over masked positions of  w(t) * -log x_theta(z_t)[x]  in fp32; unmasked
-    positions contribute exactly 0 under SUBS and padding never counts. Divide
-    ``loss`` by ``n_tokens`` for nats per token (an upper bound on the NLL).
-    """
+def corrupt(x: torch.Tensor, schedule: NoiseSchedule, mask_index: int,
+            pad_mask: Optional[torch.Tensor] = None, *, discrete_steps: int = 0,
+            antithetic: bool = True, eps_t: float = 1e-3,
+            generator: Optional[torch.Generator] = None, t: Optional[torch.Tensor] = None):
+    """One draw of the forward process on a batch ``x`` (B, L): the times ``t`` (B,)
+    (drawn by ``sample_times`` unless given) and ``(z_t, masked)`` of ``mask_tokens``.
+    Returns ``(pad_mask, t, z_t, masked)``; shared by every bound in the package."""
     if pad_mask is None:
         pad_mask = torch.zeros_like(x, dtype=torch.bool)
     if t is None:
         t = sample_times(x.size(0), antithetic=antithetic, eps_t=eps_t,
                          discrete_steps=discrete_steps, device=x.device, generator=generator)
     z_t, masked = mask_tokens(x, t, schedule, mask_index, pad_mask, generator)
+    return pad_mask, t, z_t, masked
+
+
+def masked_terms(per_token: torch.Tensor, masked: torch.Tensor, pad_mask: torch.Tensor,
+                 t: torch.Tensor) -> NelboTerms:
+    """The :class:`NelboTerms` of per-token losses (N,) at the ``masked`` positions
+    (row-major, the order of ``x[masked]``)."""
+    B = masked.size(0)
+    row = torch.arange(B, device=masked.device).unsqueeze(-1).expand_as(masked)[masked]
+    per_seq = torch.zeros(B, device=masked.device).index_add_(0, row, per_token.detach())
+    return NelboTerms(loss=per_token.sum(), per_sequence=per_seq,
+                      n_tokens=int((~pad_mask).sum()), n_masked=int(masked.sum()), t=t)
+
+
+def nelbo(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, mask_index: int,
+          pad_mask: Optional[torch.Tensor] = None, *, discrete_steps: int = 0,
+          antithetic: bool = True, eps_t: float = 1e-3,
+          generator: Optional[torch.Generator] = None,
+          t: Optional[torch.Tensor] = None) -> NelboTerms:
+    """Rao-Blackwellized NELBO of a batch ``x`` (B, L), one draw of t and of masks
+    (pass ``t`` (B,) to fix the times instead of drawing them; ``t`` (B, L) gives
+    each token its own time, as block diffusion does per block: ``sigma`` is then
+    passed to the denoiser per token too).
+
+    Sum over masked positions of  w(t) * -log x_theta(z_t)[x]  in fp32; unmasked
+    positions contribute exactly 0 under SUBS and padding never counts. Divide
+    ``loss`` by ``n_tokens`` for nats per token (an upper bound on the NLL).
+    """
+    pad_mask, t, z_t, masked = corrupt(x, schedule, mask_index, pad_mask,
+                                       discrete_steps=discrete_steps, antithetic=antithetic,
+                                       eps_t=eps_t, generator=generator, t=t)
     sigma = schedule.sigma(t)
     logits = denoiser(z_t, sigma, masked)
     lp = log_probs_without_mask(logits, mask_index)
     nll = -lp.gather(-1, x[masked].unsqueeze(-1)).squeeze(-1)
-    w = loss_weights(t, schedule, discrete_steps).unsqueeze(-1).expand_as(x)[masked]
-    per_token = w * nll
-    row = torch.arange(x.size(0), device=x.device).unsqueeze(-1).expand_as(x)[masked]
-    per_seq = torch.zeros(x.size(0), device=x.device).index_add_(0, row, per_token.detach())
-    return NelboTerms(loss=per_token.sum(), per_sequence=per_seq,
-                      n_tokens=int((~pad_mask).sum()), n_masked=int(masked.sum()), t=t)
+    w = tokenwise(loss_weights(t, schedule, discrete_steps)).expand_as(x)[masked]
+    return masked_terms(w * nll, masked, pad_mask, t)
 
 
 @torch.no_grad()

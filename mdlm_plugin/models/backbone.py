@@ -122,6 +122,53 @@ class KVCache:
             self.store[key] = t.index_select(0, new_order)
 
 
+class BlockKVCache(KVCache):
+    """Keys and values of the committed clean blocks, for block-diffusion sampling
+    with a bidirectional DiT (``DiT.block_step``).
+
+    A clean block attends to the cache and to itself; its keys and values are then
+    stored (``committing``), at most the last ``context`` positions of them (a block
+    sees at most window - L' clean positions in training). A noisy block attends to
+    the cache rows ``rows`` (all when None) and to itself, and stores nothing.
+    ``position`` is the absolute position of the next block (rotary angles), which
+    keeps growing when old positions leave the cache.
+    """
+
+    def __init__(self, context: int):
+        super().__init__()
+        self.context, self.position = context, 0
+        self.committing, self.rows = False, None
+
+    def append(self, layer: int, k, v) -> Tuple[torch.Tensor, torch.Tensor]:
+        kk, vk = f"k{layer}", f"v{layer}"
+        if kk in self.store:
+            ck, cv = self.store[kk], self.store[vk]
+            if self.rows is not None:
+                ck, cv = ck.index_select(0, self.rows), cv.index_select(0, self.rows)
+            k, v = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
+        if self.committing and self.context > 0:
+            self.store[kk], self.store[vk] = k[:, :, -self.context:], v[:, :, -self.context:]
+        return k, v
+
+
+def block_diffusion_mask(length: int, block_size: int, padding_mask=None, device=None):
+    """Attention mask (B or 1, 1, 2L, 2L), True where a query may attend to a key, over
+    the noisy copy (positions 0..L-1) followed by the clean copy (L..2L-1): a noisy
+    block sees itself and the clean blocks before it; a clean block sees the clean
+    blocks up to itself; padding (``padding_mask`` (B, L), the same in both copies)
+    is never a key, and every query sees itself (no empty row)."""
+    blk = torch.arange(length, device=device) // block_size
+    same = blk[:, None] == blk[None, :]
+    earlier = blk[:, None] > blk[None, :]
+    keep = torch.cat([torch.cat([same, earlier], 1),
+                      torch.cat([torch.zeros_like(same), same | earlier], 1)], 0)[None, None]
+    if padding_mask is not None and bool(padding_mask.any()):
+        keys = ~torch.cat([padding_mask, padding_mask], 1)
+        keep = (keep & keys[:, None, None, :]) | torch.eye(2 * length, dtype=torch.bool,
+                                                           device=device)
+    return keep
+
+
 class DiTBlock(nn.Module):
     def __init__(self, dim: int, heads: int, cond_dim: int, dropout: float, causal: bool):
         super().__init__()
@@ -142,7 +189,9 @@ class DiTBlock(nn.Module):
         True where a query may attend to a key, or None (all keys, or causal);
         with a cache, x holds the new positions only and T counts the cached ones."""
         B, L, D = x.shape
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).unsqueeze(1).chunk(6, -1)
+        mods = self.adaLN(c)                # c (B, C), or (B, L, C) per position
+        mods = mods.unsqueeze(1) if mods.dim() == 2 else mods
+        shift1, scale1, gate1, shift2, scale2, gate2 = mods.chunk(6, -1)
 
         h = modulate(self.norm1(x), shift1, scale1)
         q, k, v = self.qkv(h).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
@@ -174,11 +223,12 @@ class FinalLayer(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def forward(self, x, c, rows=None):
-        """x (B, L, D) with c (B, C); or x (N, D) gathered positions of batch ``rows``."""
+        """x (B, L, D) with c (B, C) or (B, L, C); or x (N, D) gathered positions of
+        batch ``rows``, or with their own c (N, C)."""
         shift, scale = self.adaLN(c).chunk(2, dim=-1)
         if rows is not None:
             shift, scale = shift[rows], scale[rows]
-        else:
+        elif shift.dim() < x.dim():
             shift, scale = shift.unsqueeze(1), scale.unsqueeze(1)
         return self.head(modulate(self.norm(x), shift, scale))
 
@@ -257,7 +307,59 @@ class DiT(nn.Module):
     def forward(self, tokens, sigma=None, padding_mask=None, positions=None,
                 cache: Optional[KVCache] = None):
         x, c = self.hidden(tokens, sigma, padding_mask, cache)
+        return self._head(x, c, positions)
+
+    def _head(self, x, c, positions):
+        """Logits (B, L, V), or (N, V) at ``positions``; c (B, C) or (B, L, C)."""
         if positions is None:
             return self.final(x, c)
+        if c.dim() == 3:
+            return self.final(x[positions], c[positions])
         rows = torch.arange(x.size(0), device=x.device).unsqueeze(-1).expand_as(positions)
         return self.final(x[positions], c, rows[positions])
+
+    def forward_blocks(self, z_t, x, block_size: int, sigma=None, padding_mask=None,
+                       positions=None):
+        """Block diffusion's training pass: the noisy copy ``z_t`` (B, L) followed by
+        the clean copy ``x`` (B, L) as one sequence of 2L positions (both copies at
+        rotary positions 0..L-1) under :func:`block_diffusion_mask`; returns the
+        noisy copy's logits as ``forward`` does. ``sigma`` (B,) or (B, L) per token
+        is read with time conditioning (the clean copy is conditioned on 0)."""
+        B, L = x.shape
+        if L > self.max_positions:
+            raise ValueError(f"sequence length {L} exceeds the model's max_positions "
+                             f"{self.max_positions}")
+        h = self.embed(torch.cat([z_t, x], 1))
+        cos, sin = self.rotary(L, h.device, h.dtype)
+        cos, sin = cos.repeat(2, 1), sin.repeat(2, 1)
+        if self.time_conditioning and sigma is not None:
+            sigma = sigma if sigma.dim() == 2 else sigma.unsqueeze(1).expand(B, L)
+            c = self.condition(B, torch.cat([sigma, torch.zeros_like(sigma)], 1), h.device)
+        else:
+            c = self.condition(B, None, h.device)
+        mask = block_diffusion_mask(L, block_size, padding_mask, h.device)
+        for i, block in enumerate(self.blocks):
+            h = block(h, c, cos, sin, mask)
+        return self._head(h[:, :L], c[:, :L] if c.dim() == 3 else c, positions)
+
+    def block_step(self, tokens, cache: BlockKVCache, sigma=None, positions=None,
+                   rows=None, commit: bool = False):
+        """One block of block-diffusion sampling, at ``cache.position``.
+
+        commit=False: logits (as ``forward``) of the noisy block ``tokens`` (b, L') of
+        the cache rows ``rows`` (all when None), attending to their cached clean
+        blocks and to the whole block; the cache is unchanged. commit=True: the clean
+        block ``tokens`` (B, L') of every row is appended to the cache (conditioned
+        on sigma = 0, as the clean copy in training) and the position advances."""
+        B, L = tokens.shape
+        h = self.embed(tokens)
+        cos, sin = self.rotary(L, h.device, h.dtype, offset=cache.position)
+        c = self.condition(B, None if commit else sigma, h.device)
+        cache.committing, cache.rows = commit, rows
+        for i, block in enumerate(self.blocks):
+            h = block(h, c, cos, sin, None, cache, i)
+        cache.committing, cache.rows = False, None
+        if commit:
+            cache.position += L
+            return None
+        return self._head(h, c, positions)

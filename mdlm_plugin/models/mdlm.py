@@ -8,6 +8,7 @@ against a different dictionary is one clear error instead of a shape mismatch.
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from fairseq.dataclass import FairseqDataclass
@@ -15,7 +16,8 @@ from fairseq.models import BaseFairseqModel, register_model, register_model_arch
 from fairseq.utils import safe_getattr
 
 from ..errors import MDLMUserError
-from .backbone import DiT
+from ..diffusion.blocks import check_block_size
+from .backbone import BlockKVCache, DiT
 
 
 def dictionary_fingerprint(dictionary) -> torch.Tensor:
@@ -51,6 +53,12 @@ class MDLMConfig(FairseqDataclass):
         default=False,
         metadata={"help": "feed the noise level sigma(t) to the network (off in the paper; "
                           "without it the cached sampler is exact)"})
+    block_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "block diffusion (BD3-LM): blocks of L' tokens, each a masked "
+                          "diffusion given the clean blocks before it (1 <= L' dividing "
+                          "--tokens-per-sample; 1 is autoregressive). Default: the whole "
+                          "window, i.e. MDLM. Saved in the checkpoint: sampling reads it"})
 
 
 @register_model("mdlm", dataclass=MDLMConfig)
@@ -75,7 +83,20 @@ class MDLMModel(BaseFairseqModel):
         if getattr(task, "mask_index", None) is None:
             raise MDLMUserError("the mdlm model needs --task masked_diffusion "
                                 "(it adds the <mask> symbol)")
+        block_size = safe_getattr(cfg, "block_size", None)
+        if block_size is not None:
+            try:
+                check_block_size(block_size, task.args.tokens_per_sample)
+            except ValueError as e:
+                raise MDLMUserError(f"--block-size: {e} (--tokens-per-sample); pick a "
+                                    f"divisor of it, or leave --block-size out for "
+                                    f"MDLM") from None
         return cls(cfg, task.source_dictionary)
+
+    @property
+    def block_size(self) -> Optional[int]:
+        """L' of a block-diffusion model, None for MDLM."""
+        return safe_getattr(self.cfg, "block_size", None)
 
     @property
     def time_conditioning(self) -> bool:
@@ -91,15 +112,48 @@ class MDLMModel(BaseFairseqModel):
         return self.backbone(src_tokens, sigma=sigma, padding_mask=padding_mask,
                              positions=positions)
 
-    def denoiser(self):
-        """The callable the diffusion core expects: (z_t, sigma, positions) -> logits."""
-        return lambda z_t, sigma, positions: self(z_t, sigma=sigma, positions=positions)
+    def denoiser(self, clean=None):
+        """The callable the diffusion core expects: (z_t, sigma, positions) -> logits.
+        A block model's (training) denoiser also reads the clean sequence ``clean``
+        (B, L): block b of z_t is denoised given the clean blocks before it."""
+        if self.block_size is None:
+            return lambda z_t, sigma, positions: self(z_t, sigma=sigma, positions=positions)
+        if clean is None:
+            raise ValueError("a block model's denoiser needs the clean sequence (clean=)")
+        padding_mask = clean.eq(self.pad_index)
+        return lambda z_t, sigma, positions: self.backbone.forward_blocks(
+            z_t, clean, self.block_size, sigma=sigma, padding_mask=padding_mask,
+            positions=positions)
+
+    def block_context(self, window: int) -> "CachedBlocks":
+        """Block sampling's view of this model (``diffusion.blocks.sample_blocks``):
+        committed blocks in a key/value cache of the last window - L' positions."""
+        return CachedBlocks(self.backbone, window - self.block_size)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         check_same_dictionary(state_dict, self.dictionary_version,
                               self.backbone.embed.num_embeddings)
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg,
                                        args=args)
+
+
+class CachedBlocks:
+    """``diffusion.blocks.BlockContext`` over a DiT and a :class:`BlockKVCache`:
+    each committed block is run through the network once (``commits`` counts them)."""
+
+    def __init__(self, backbone: DiT, context: int):
+        self.backbone, self.cache, self.commits = backbone, BlockKVCache(context), 0
+
+    def denoise(self, rows, z, sigma, positions):
+        return self.backbone.block_step(z, self.cache, sigma=sigma, positions=positions,
+                                        rows=rows)
+
+    def commit(self, tokens):
+        self.backbone.block_step(tokens, self.cache, commit=True)
+        self.commits += 1
+
+    def keep(self, index):
+        self.cache.reorder(index)
 
 
 def _defaults(args, **values):

@@ -19,8 +19,10 @@ Reads ``fairseq-preprocess --only-source`` output exactly as fairseq's
 BOS/EOS: fairseq-preprocess ends every input line with ``</s>``; those tokens are
 data and are modelled (and corrupted) like any other token. The MDLM sample is the
 task's ``target`` (the original block); padding is never masked, never attended to
-and never counted. ``--add-bos-token`` only affects the shifted ``src_tokens`` that
-MDLM does not read.
+and never counted. ``--add-bos-token`` is refused (one error at task setup): fairseq's
+``MonolingualDataset`` would put ``<s>`` at the head of every target, so the bound
+would score a free token per block that ``fairseq-eval-lm`` strips from AR models;
+without it MDLM and the AR baselines score exactly the same tokens.
 """
 
 import logging
@@ -84,6 +86,10 @@ class MaskedDiffusionConfig(LanguageModelingConfig):
                                      "tokens per window after the first (the window's other "
                                      "tokens are the previous ones, fixed). 0: only when "
                                      "--gen-length exceeds the window, with S = window/2"})
+    stop_at_eos: bool = field(
+        default=False, metadata={"help": "generation, block-diffusion models: end a "
+                                         "continuation at the first </s> it generates "
+                                         "(else at --gen-length)"})
 
 
 def check_binarized_split(split_path: str) -> None:
@@ -120,6 +126,12 @@ def add_mask_symbol(dictionary: Dictionary) -> int:
 class MaskedDiffusionTask(LanguageModelingTask):
 
     def __init__(self, args, dictionary, output_dictionary=None, targets=None):
+        if getattr(args, "add_bos_token", False):
+            raise MDLMUserError(
+                "--add-bos-token is not supported by --task masked_diffusion: it puts <s> "
+                "at the head of every target block, a free token the bound would score "
+                "(fairseq-eval-lm leaves it out for AR models); drop the flag, and train "
+                "the AR baselines without it to compare like for like")
         super().__init__(args, dictionary, output_dictionary, targets)
         self.mask_index = dictionary.index(MASK_SYMBOL) if dictionary is not None else None
         if not 1 <= args.eval_passes <= MAX_EVAL_PASSES:
