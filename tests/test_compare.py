@@ -108,26 +108,29 @@ def test_repeated_ngram_share_by_hand():
 
 
 def test_compare_script_end_to_end(ptb_tiny, tmp_path):
-    """Every row trained for the same tokens with 2 seeds, evaluated, sampled and scored:
-    every cell a mean with its spread over seeds, ratios paired by seed, the plots
-    written, finished runs reused."""
+    """Every row (the AR baselines, block diffusion, SEDD, an ablation) trained for the
+    same tokens, 2 seeds for MDLM and the block model and 1 for the others, evaluated,
+    sampled by two samplers and scored: every cell a mean with its spread over seeds or
+    marked as one seed, ratios paired by seed, the plots written, finished runs reused."""
     out, work = tmp_path / "out", tmp_path / "work"
-    models = ("mdlm", "mdlm_ar", "transformer_lm", "mdlm_iid")
+    models = ("mdlm", "mdlm_ar", "transformer_lm", "mdlm_iid", "sedd", "bd3_8")
+    two_seeds = ("mdlm", "bd3_8")
     cmd = [sys.executable, str(REPO / "examples" / "compare" / "compare.py"),
            "--data", str(ptb_tiny), "--work-dir", str(work),
            "--out", str(out), "--max-update", "2", "--validate-interval-updates", "1",
            "--batch-size", "8", "--tokens-per-sample", "32", "--layers", "1",
            "--embed-dim", "32", "--heads", "2", "--cond-dim", "16", "--warmup-updates", "2",
-           "--samples", "2", "--steps", "4", "16", "--eval-passes", "2", "--sample-batch", "2",
-           "--threads", "2", "--models", ",".join(models), "--seeds", "1", "2",
-           "--seeds-for", "transformer_lm=1"]
+           "--samples", "2", "--steps", "2", "4", "--eval-passes", "2", "--sample-batch", "2",
+           "--threads", "2", "--models", ",".join(models[:-1]), "--block-sizes", "8",
+           "--seeds", "1", "2", "--samplers", "ddpm_cache", "analytic", "--seeds-for",
+           *(f"{m}=1" for m in models if m not in two_seeds)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert tuple(res["models"]) == models
     runs = res["runs"]
     for m in models:
-        seeds = [1] if m == "transformer_lm" else [1, 2]
+        seeds = [1, 2] if m in two_seeds else [1]
         assert [r["training"]["seed"] for r in runs[m]] == seeds
         # seed 1 keeps the run directory of a single-seed comparison
         assert [os.path.basename(os.path.dirname(r["training"]["checkpoint"]))
@@ -139,20 +142,23 @@ def test_compare_script_end_to_end(ptb_tiny, tmp_path):
             for part in ("test", "test_eos_only"):
                 assert part not in r or r[part]["tokens"] == res["test_split_tokens"]
     assert runs["mdlm"][0]["test"]["bound"] and runs["mdlm"][0]["test"]["ppl_se"] > 0
-    assert "--time-sampling iid" in " ".join(runs["mdlm_iid"][0]["training"]["command"])
+    for m, flags in (("mdlm_iid", "--time-sampling iid"), ("sedd", "--criterion sedd"),
+                     ("bd3_8", "--max-positions 512 --block-size 8 --tokens-per-sample")):
+        assert flags in " ".join(runs[m][0]["training"]["command"])
+    assert all(r["test"]["bound"] for m in ("mdlm_iid", "sedd", "bd3_8") for r in runs[m])
     # the two seeds trained different models
-    assert runs["mdlm_ar"][0]["test"]["ppl"] != runs["mdlm_ar"][1]["test"]["ppl"]
+    assert runs["mdlm"][0]["test"]["ppl"] != runs["mdlm"][1]["test"]["ppl"]
     for a in ("mdlm_ar", "transformer_lm"):
         # eval-lm reads the previous block's last token: a different value than </s> only
         assert all(r["test_eos_only"]["ppl"] != r["test"]["ppl"] for r in runs[a])
-    check_samples(res["generation"]["rows"])
+    check_samples(res["generation"]["rows"], two_seeds)
     md = (out / "results.md").read_text()
     check_cells(md)
     # a row's ratio to MDLM: paired by seed, mean ± sd over the pairs
-    r = [a["test"]["ppl"] / b["test"]["ppl"] for a, b in zip(runs["mdlm_iid"], runs["mdlm"])]
-    iid = [line for line in md.splitlines() if line.startswith("| mdlm_iid |")][0]
-    assert iid.endswith(f"| {statistics.fmean(r):.3f} ± {statistics.stdev(r):.3f} |")
-    assert "| transformer_lm | 1 * |" in md      # fewer seeds, marked
+    r = [a["test"]["ppl"] / b["test"]["ppl"] for a, b in zip(runs["bd3_8"], runs["mdlm"])]
+    bd3 = [line for line in md.splitlines() if line.startswith("| bd3_8 |")][0]
+    assert bd3.endswith(f"| {statistics.fmean(r):.3f} ± {statistics.stdev(r):.3f} |")
+    assert "| transformer_lm | 1 * |" in md and "| sedd | 1 * |" in md   # fewer seeds
     for png in ("valid_ppl.png", "gen_ppl.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     check_reuse_and_zero_shot(cmd, res, tmp_path / "out2", ptb_tiny)
@@ -161,33 +167,35 @@ def test_compare_script_end_to_end(ptb_tiny, tmp_path):
 def check_reuse_and_zero_shot(cmd, res, out2, data):
     """The same command again reuses finished runs (seed 2: its own directory); zero-shot
     scores every token of the other corpus, a bound for MDLM."""
-    again = cmd[:cmd.index("--models")] + ["--models", "mdlm,mdlm_ar", "--seeds", "2",
+    again = cmd[:cmd.index("--models")] + ["--models", "mdlm", "--seeds", "2",
                                            "--zero-shot", str(data), "--out", str(out2)]
     proc = subprocess.run(again, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "mdlm seed 2: trained already" in proc.stdout
-    assert "mdlm_ar seed 2: trained already" in proc.stdout
-    res2 = json.loads((out2 / "results.json").read_text())
-    for m in ("mdlm", "mdlm_ar"):
-        z = res2["runs"][m][0]["zero_shot"]
-        assert z["tokens"] == res["test_split_tokens"] and z["bound"] == (m == "mdlm")
-        assert res2["runs"][m][0]["test"]["ppl"] == res["runs"][m][1]["test"]["ppl"]
+    run = json.loads((out2 / "results.json").read_text())["runs"]["mdlm"][0]
+    assert run["zero_shot"]["tokens"] == res["test_split_tokens"] and run["zero_shot"]["bound"]
+    assert run["test"]["ppl"] == res["runs"]["mdlm"][1]["test"]["ppl"]
     check_cells((out2 / "results.md").read_text())
 
 
-def check_samples(rows):
+def check_samples(rows, two_seeds):
     """Every sample set of every seed scored by both judges, with its diversity and cost."""
-    assert [(r["source"], r["sampler"], r["steps"]) for r in rows] == [
-        ("test data", None, None), ("mdlm", "ddpm_cache", 4), ("mdlm", "ddpm_cache", 16),
-        ("mdlm_ar", "ancestral", 32), ("transformer_lm", "ancestral", 32)]
+    diffusion = [(m, s, t) for m in ("mdlm", "sedd", "bd3_8")
+                 for s in ("ddpm_cache", "analytic") for t in (2, 4)]
+    assert sorted((r["source"], r["sampler"], r["steps"]) for r in rows[1:]) == sorted(
+        diffusion + [("mdlm_ar", "ancestral", 32), ("transformer_lm", "ancestral", 32)])
+    assert rows[0]["source"] == "test data"
     for r in rows[1:]:
-        assert [x["seed"] for x in r["by_seed"]] == ([1] if r["source"] == "transformer_lm"
-                                                     else [1, 2])
+        assert [x["seed"] for x in r["by_seed"]] == ([1, 2] if r["source"] in two_seeds else [1])
         for x in r["by_seed"]:
             assert set(x["gen_ppl"]) == {"mdlm_ar", "transformer_lm"}
             assert all(math.isfinite(p) and p > 1 for p in x["gen_ppl"].values())
             assert 0 < x["entropy"] <= math.log(32) and 0 <= x["repetition"] < 1
-            assert 0 < x["calls_per_sample"] <= (32 if r["sampler"] == "ancestral" else r["steps"])
+            # network calls actually made: at most the steps (bd3_8: per block of 8, and
+            # one call to cache each committed block)
+            limit = 32 if r["sampler"] == "ancestral" else (
+                (r["steps"] + 1) * 32 // 8 if r["source"] == "bd3_8" else r["steps"])
+            assert 0 < x["calls_per_sample"] <= limit
 
 
 def check_cells(md):

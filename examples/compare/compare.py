@@ -481,9 +481,10 @@ def generation_section(res: Dict, args) -> List[str]:
                     + [cell("entropy"), cell("repetition"), cell("seconds_per_sample", ".2f")])
     head = ["samples from", "sampler", "steps", "calls"] + \
         [f"gen ppl ({j})" for j in g["judges"]] + ["entropy", "repeats", "s / sample"]
-    out += [md_table(head, rows), "", "First sample of each kind (first seed):", ""]
+    out += [md_table(head, rows), "", "First sample of each kind (first seed, most steps):", ""]
     return out + [f"- {r['source']} {r['sampler']} {r['steps']}: `{r['example'][:300]}`"
-                  for r in g["rows"] if r["example"]] + [""]
+                  for r in g["rows"] if r["example"] and r["steps"] in (max(args.steps),
+                                                                        args.tokens_per_sample)] + [""]
 
 
 def training_section(res: Dict, args) -> List[str]:
