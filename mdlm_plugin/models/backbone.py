@@ -25,6 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# the output layer runs on at least this many positions (see DiT.forward)
+MIN_HEAD_ROWS = 16
+
+
 class LayerNorm(nn.Module):
     """Weight-only LayerNorm computed in fp32 (stable under --fp16/--amp)."""
 
@@ -174,10 +178,11 @@ class FinalLayer(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def forward(self, x, c, rows=None):
-        """x (B, L, D) with c (B, C); or x (N, D) gathered positions of batch ``rows``."""
+        """x (B, L, D) with c (B or 1, C); or x (N, D) gathered positions of batch ``rows``."""
         shift, scale = self.adaLN(c).chunk(2, dim=-1)
         if rows is not None:
-            shift, scale = shift[rows], scale[rows]
+            if shift.size(0) > 1:              # (1, D) broadcasts over the positions
+                shift, scale = shift[rows], scale[rows]
         else:
             shift, scale = shift.unsqueeze(1), scale.unsqueeze(1)
         return self.head(modulate(self.norm(x), shift, scale))
@@ -215,14 +220,19 @@ class DiT(nn.Module):
         self.dropout = dropout
 
     def condition(self, batch: int, sigma=None, device=None):
-        """The adaLN conditioning vector (B, C): from sigma with time conditioning,
-        else the same learned constant for every row."""
+        """The adaLN conditioning vector: (B, C) from sigma with time conditioning, or
+        (1, C), broadcast over the batch, when every row gets the same one (without
+        time conditioning: a learned constant). A shared vector is computed once, so
+        a row's output does not depend on the other rows of its batch (a matmul over
+        B rows rounds differently for different B)."""
         if sigma is None or not self.time_conditioning:
-            sigma = torch.zeros(batch, device=device)
+            sigma = torch.zeros(1, device=device)
+        elif sigma.numel() > 1 and bool((sigma == sigma[:1]).all()):
+            sigma = sigma[:1]
         return F.silu(self.sigma_map(sigma))
 
     def hidden(self, tokens, sigma=None, padding_mask=None, cache: Optional[KVCache] = None):
-        """Final hidden states (B, L, D) and the conditioning vector (B, C)."""
+        """Final hidden states (B, L, D) and the conditioning vector (B or 1, C)."""
         B, L = tokens.shape
         past = 0
         if cache is not None:
@@ -260,4 +270,12 @@ class DiT(nn.Module):
         if positions is None:
             return self.final(x, c)
         rows = torch.arange(x.size(0), device=x.device).unsqueeze(-1).expand_as(positions)
-        return self.final(x[positions], c, rows[positions])
+        h, rows = x[positions], rows[positions]
+        n = h.size(0)
+        if n < MIN_HEAD_ROWS:
+            # a matmul over a few rows takes another kernel path than one over many and
+            # rounds differently: padded, a position's logits do not depend on how many
+            # other positions share the call (the cached sampler relies on it)
+            h = F.pad(h, (0, 0, 0, MIN_HEAD_ROWS - n))
+            rows = F.pad(rows, (0, MIN_HEAD_ROWS - n))
+        return self.final(h, c, rows)[:n]
