@@ -39,7 +39,7 @@ from fairseq.tasks import FairseqTask, register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 from fairseq import utils
 
-from ..diffusion.samplers import SAMPLERS
+from ..diffusion.samplers import COMMIT_SCHEDULES, REMDM_STRATEGIES, SAMPLERS
 from ..diffusion.schedules import SCHEDULES, build_schedule
 from ..errors import MDLMUserError
 
@@ -69,11 +69,35 @@ class MaskedDiffusionConfig(LanguageModelingConfig):
                                      "checkpoint's bound is reproducible"})
     sampler: ChoiceEnum(list(SAMPLERS)) = field(
         default="ddpm_cache",
-        metadata={"help": "generation: ancestral sampler; ddpm_cache skips the network "
-                          "when a step changed no token (exact, but only for models "
-                          "without time conditioning: use ddpm for those)"})
+        metadata={"help": "generation: ddpm (ancestral), ddpm_cache (reruns a row only "
+                          "after a step changed it), analytic, first_hitting (one token "
+                          "per step and row), remdm (remasking), confidence (commits the "
+                          "most confident); ddpm_cache and first_hitting need a model "
+                          "without time conditioning"})
     steps: int = field(
         default=128, metadata={"help": "generation: diffusion steps (per window)"})
+    remdm_strategy: ChoiceEnum(list(REMDM_STRATEGIES)) = field(
+        default="cap", metadata={"help": "generation, remdm: remasking probability sigma_t: "
+                                         "cap min(eta, sigma_max), rescale eta sigma_max, "
+                                         "conf by the token's probability when drawn"})
+    remdm_eta: float = field(
+        default=0.02, metadata={"help": "generation, remdm: eta (0: the ddpm step)"})
+    remdm_loop: bool = field(
+        default=False, metadata={"help": "generation, remdm: remask only for t in "
+                                         "[t_off, t_on), at alpha held at alpha_on"})
+    remdm_t_on: float = field(default=0.55, metadata={"help": "generation, remdm loop: t_on"})
+    remdm_t_off: float = field(default=0.05, metadata={"help": "generation, remdm loop: t_off"})
+    remdm_alpha_on: float = field(
+        default=0.9, metadata={"help": "generation, remdm loop: alpha held in the loop"})
+    commit_schedule: ChoiceEnum(list(COMMIT_SCHEDULES)) = field(
+        default="cosine", metadata={"help": "generation, confidence: how many masked "
+                                            "positions stay masked after each step"})
+    commit_per_step: int = field(
+        default=0, metadata={"help": "generation, confidence: commit K positions per step "
+                                     "instead of the schedule (0: the schedule)"})
+    confidence_noise: float = field(
+        default=0.0, metadata={"help": "generation, confidence: temperature of the Gumbel "
+                                       "noise added to the confidence (0: none)"})
     gen_length: int = field(
         default=0, metadata={"help": "generation: tokens per sample, prompt included "
                                      "(0: --tokens-per-sample). Longer than the window "
