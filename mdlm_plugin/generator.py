@@ -19,9 +19,9 @@ Inputs (one per input sentence; ``--nbest N`` draws N independent samples of eac
   fit one window.
 
 A prompt (no ``<mask>``) is continued to ``--gen-length`` tokens in total (default
-``--tokens-per-sample``). The window is ``--tokens-per-sample``: pass the value the
-model was trained with (fairseq-generate/-interactive do not read it from the
-checkpoint; it is capped at the model's positions). A ``--gen-length`` beyond the
+``--tokens-per-sample``). The window is ``--tokens-per-sample``: the task takes the
+checkpoint's when none is given (see ``MaskedDiffusionTask.load_state_dict``); it is
+capped at the model's positions. A ``--gen-length`` beyond the
 window, or any ``--semi-ar-stride S``, samples semi-autoregressively with
 ``sample_semi_ar``: windows of that length, each after the first keeping its last
 ``window - S`` tokens fixed and generating S new ones (S defaults to window/2).

@@ -445,3 +445,20 @@ def test_new_samplers_through_the_clis(ptb_tiny, trained_tiny, sampler, extra):
     assert hyps_i[0][0].split("\t")[1].startswith("the company said")
     assert re.fullmatch(r"the( \S+)? said it( \S+){0,3} in the market", hyps_i[1][0].split("\t")[1])
     assert "<mask>" not in "".join(h for hs in (*hyps.values(), *hyps_i.values()) for h in hs)
+
+
+def test_window_comes_from_the_checkpoint(ptb_tiny, trained_tiny):
+    """Without --tokens-per-sample the CLIs sample the checkpoint's 32-token window (the
+    default, 1024, would exceed the tiny model's positions); a given one still wins."""
+    common = [ptb_tiny, "--user-dir", USER_DIR, "--task", "masked_diffusion", "--path",
+              trained_tiny[0] / "checkpoint_best.pt", "--cpu", "--steps", "4"]
+    (rc_g, out_g), (rc_i, out_i), (rc_w, out_w) = run_all(
+        cli("generate", *common, "--gen-subset", "test", "--batch-size", "32"),
+        cli("interactive", *common, stdin="the company said\n"),
+        cli("interactive", *common, "--tokens-per-sample", "20", stdin="the company said\n"))
+    assert rc_g == 0 and rc_i == 0 and rc_w == 0, (out_g + out_i + out_w)[-3000:]
+    assert "--tokens-per-sample 32, from the checkpoint" in out_g
+    pos = _lines(out_g, "P")
+    assert len(pos) > 50 and all(len(p[0].split()) == 32 for p in pos.values())
+    assert len(_lines(out_i, "P")[0][0].split()) == 32
+    assert len(_lines(out_w, "P")[0][0].split()) == 20

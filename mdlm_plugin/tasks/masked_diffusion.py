@@ -51,8 +51,15 @@ MAX_EVAL_PASSES = 64
 MASK_SPAN = re.compile(re.escape(MASK_SYMBOL) + r"(?:\*(\d+))?")
 
 
+DEFAULT_WINDOW = 1024      # language_modeling's --tokens-per-sample default
+
+
 @dataclass
 class MaskedDiffusionConfig(LanguageModelingConfig):
+    tokens_per_sample: int = field(
+        default=0, metadata={"help": f"tokens per sample (a block of text); also the sampling "
+                                     f"window. 0 (not given): {DEFAULT_WINDOW} for training; "
+                                     f"fairseq-generate/-interactive take the checkpoint's"})
     noise_schedule: ChoiceEnum(list(SCHEDULES)) = field(
         default="loglinear", metadata={"help": "forward-process noise schedule"})
     noise_eps: float = field(
@@ -144,7 +151,13 @@ def add_mask_symbol(dictionary: Dictionary) -> int:
 class MaskedDiffusionTask(LanguageModelingTask):
 
     def __init__(self, args, dictionary, output_dictionary=None, targets=None):
+        # the window given on the command line wins; otherwise a checkpoint's (its task
+        # state records it, see load_state_dict), else the default
+        self.window_given = args.tokens_per_sample > 0
+        if not self.window_given:
+            args.tokens_per_sample = DEFAULT_WINDOW
         super().__init__(args, dictionary, output_dictionary, targets)
+        self.state.merge_state_dict({"tokens_per_sample": args.tokens_per_sample})
         self.mask_index = dictionary.index(MASK_SYMBOL) if dictionary is not None else None
         if not 1 <= args.eval_passes <= MAX_EVAL_PASSES:
             raise MDLMUserError(f"--eval-passes must be in [1, {MAX_EVAL_PASSES}], "
@@ -179,8 +192,8 @@ class MaskedDiffusionTask(LanguageModelingTask):
             raise MDLMUserError(
                 f"--tokens-per-sample {self.args.tokens_per_sample} exceeds the checkpoint's "
                 f"{limit} positions: pass the --tokens-per-sample the model was trained with "
-                f"(fairseq-generate and fairseq-interactive do not read it from the "
-                f"checkpoint; it is also the sampling window)")
+                f"(a checkpoint saved by an older version does not record it; it is also the "
+                f"sampling window)")
         if isinstance(limit, int) and self.args.tokens_per_sample > limit:
             raise MDLMUserError(
                 f"--tokens-per-sample {self.args.tokens_per_sample} exceeds the model's "
@@ -207,6 +220,17 @@ class MaskedDiffusionTask(LanguageModelingTask):
         else:
             kwargs["required_batch_size_multiple"] = 1
         return super().get_batch_iterator(dataset, *args, **kwargs)
+
+    def load_state_dict(self, state_dict):
+        """A checkpoint's task state (fairseq loads it before building the model): its
+        --tokens-per-sample becomes the window unless one was given on the command line
+        (checkpoints saved before this was recorded hold none)."""
+        super().load_state_dict(state_dict)
+        saved = state_dict.get("tokens_per_sample")
+        if saved and not self.window_given and saved != self.args.tokens_per_sample:
+            logger.info("--tokens-per-sample %d, from the checkpoint", saved)
+            self.args.tokens_per_sample = saved
+        self.state.merge_state_dict({"tokens_per_sample": self.args.tokens_per_sample})
 
     @property
     def uses_ema(self):
