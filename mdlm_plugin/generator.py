@@ -19,9 +19,9 @@ Inputs (one per input sentence; ``--nbest N`` draws N independent samples of eac
   fit one window.
 
 A prompt (no ``<mask>``) is continued to ``--gen-length`` tokens in total (default
-``--tokens-per-sample``). The window is ``--tokens-per-sample``: pass the value the
-model was trained with (fairseq-generate/-interactive do not read it from the
-checkpoint; it is capped at the model's positions). A ``--gen-length`` beyond the
+``--tokens-per-sample``). The window is ``--tokens-per-sample``: the task takes the
+checkpoint's when none is given (see ``MaskedDiffusionTask.load_state_dict``); it is
+capped at the model's positions. A ``--gen-length`` beyond the
 window, or any ``--semi-ar-stride S``, samples semi-autoregressively with
 ``sample_semi_ar``: windows of that length, each after the first keeping its last
 ``window - S`` tokens fixed and generating S new ones (S defaults to window/2).
@@ -50,7 +50,8 @@ command gives the same output (the batches, and so ``--batch-size``, are part of
 what is reproduced).
 
 Statistics: ``generator.stats`` (:class:`GenerationStats`) accumulates samples,
-filled tokens, network calls, seconds and unigram entropy over every batch; its
+filled tokens, network calls, seconds, unigram entropy and the share of repeated
+4-grams over every batch; its
 summary is logged once, when the generator is released or at exit, i.e. after
 fairseq-generate and fairseq-interactive printed everything (not after an error).
 A benchmark can build one from a task and a model and time the samplers::
@@ -71,15 +72,23 @@ from typing import List, Optional, Sequence
 import torch
 
 from .block_generation import check_block_options, generate_block_rows
-from .diffusion.samplers import SamplerConfig, sample, sample_semi_ar, unigram_entropy
+from .diffusion.samplers import (SamplerConfig, SamplerError, repeated_ngram_share, sample,
+                                 sample_semi_ar, unigram_entropy)
 from .errors import MDLMUserError
 
 logger = logging.getLogger(__name__)
 
-# flag of the field a SamplerConfig ValueError is about (its message starts with it)
-_SAMPLER_FLAGS = (("unknown sampler", "--sampler"), ("sampler", "--sampler"),
-                  ("steps", "--steps"), ("temperature", "--temperature"),
-                  ("top_p", "--sampling-topp"), ("", "sampling"))
+# the task fields that configure a sampler beyond --sampler/--steps (same names as
+# SamplerConfig's fields); a field's flag is its name with dashes, except top_p
+SAMPLER_OPTIONS = ("remdm_strategy", "remdm_eta", "remdm_loop", "remdm_t_on", "remdm_t_off",
+                   "remdm_alpha_on", "commit_schedule", "commit_per_step", "confidence_noise")
+_FLAG_OF = {"top_p": "--sampling-topp"}
+
+
+def user_error(error: SamplerError) -> MDLMUserError:
+    """A sampler's error as the user's: it names the flag of the field it is about."""
+    flag = _FLAG_OF.get(error.field, "--" + error.field.replace("_", "-"))
+    return MDLMUserError(f"{flag}: {error}")
 
 
 @dataclass
@@ -92,6 +101,7 @@ class GenerationStats:
     row_calls: int = 0          # rows evaluated by those calls (ddpm_cache runs subsets)
     seconds: float = 0.0        # wall time of the sampling
     entropy_sum: float = 0.0    # sum over samples of their unigram entropy (nats)
+    repetition_sum: float = 0.0  # sum over samples of their share of repeated 4-grams
 
     @property
     def tokens_per_second(self) -> float:
@@ -101,12 +111,17 @@ class GenerationStats:
     def mean_unigram_entropy(self) -> float:
         return self.entropy_sum / self.samples if self.samples else 0.0
 
+    @property
+    def mean_repeated_4grams(self) -> float:
+        return self.repetition_sum / self.samples if self.samples else 0.0
+
     def summary(self) -> str:
         return (f"mdlm sampling: {self.samples} samples, {self.filled_tokens} tokens "
                 f"filled, {self.network_calls} network calls "
                 f"({self.row_calls} row evaluations), {self.seconds:.2f} s, "
                 f"{self.tokens_per_second:.1f} tokens/s, mean unigram entropy "
-                f"{self.mean_unigram_entropy:.3f} nats")
+                f"{self.mean_unigram_entropy:.3f} nats, repeated 4-grams "
+                f"{100 * self.mean_repeated_4grams:.1f}%")
 
 
 def _log_summary(stats: GenerationStats) -> None:
@@ -118,6 +133,11 @@ def _log_summary(stats: GenerationStats) -> None:
         print(f"{logger.name}: {stats.summary()}", file=sys.stderr)   # a closed log file
     else:
         logger.info(stats.summary())
+
+
+def _plain(value):
+    """A config value as a plain Python value (fairseq's ChoiceEnum values are enums)."""
+    return str(value) if hasattr(value, "value") and isinstance(value.value, str) else value
 
 
 def _without_pad(denoiser, pad_index: int):
@@ -154,7 +174,10 @@ class MaskedDiffusionGenerator:
                  sampler: str = "ddpm_cache", steps: int = 128, gen_length: int,
                  window: int, semi_ar_stride: int = 0, temperature: float = 1.0,
                  top_p: float = 1.0, nbest: int = 1, seed: int = 1,
-                 retain_history: bool = False, stop_at_eos: bool = False):
+                 retain_history: bool = False, stop_at_eos: bool = False,
+                 **sampler_options):
+        """``sampler_options``: the other fields of :class:`SamplerConfig`
+        (``SAMPLER_OPTIONS``: ReMDM's and the confidence sampler's)."""
         self.model = model
         self.schedule = schedule
         self.mask_index = mask_index
@@ -185,19 +208,13 @@ class MaskedDiffusionGenerator:
                 f"(--gen-length {gen_length} beyond the window of {window} tokens, or "
                 f"--semi-ar-stride): sample one window to see the denoising trajectory")
         self.retain_history = retain_history
-        if str(sampler) == "ddpm_cache" and bool(model.time_conditioning):
-            raise MDLMUserError(
-                "--sampler ddpm_cache needs a model without time conditioning: it reuses "
-                "the last network output while no token changes, but this model also reads "
-                "sigma(t), which changes every step. Use --sampler ddpm or --sampler analytic")
         try:
             self.config = SamplerConfig(sampler=str(sampler), steps=steps,
                                         temperature=temperature, top_p=top_p,
-                                        time_conditioned=bool(model.time_conditioning))
-        except ValueError as e:
-            msg = str(e)
-            flag = next(f for key, f in _SAMPLER_FLAGS if msg.startswith(key))
-            raise MDLMUserError(f"{flag}: {msg}") from None
+                                        time_conditioned=bool(model.time_conditioning),
+                                        **sampler_options)
+        except SamplerError as e:
+            raise user_error(e) from None
         self.stats = GenerationStats()
         self._rng: Optional[torch.Generator] = None
         # log the totals once, when the CLI has printed everything: when the generator
@@ -234,7 +251,9 @@ class MaskedDiffusionGenerator:
                    top_p=1.0 if top_p < 0 else top_p,
                    nbest=getattr(gen_args, "nbest", 1), seed=args.seed,
                    retain_history=bool(getattr(gen_args, "retain_iter_history", False)),
-                   stop_at_eos=bool(getattr(args, "stop_at_eos", False)))
+                   stop_at_eos=bool(getattr(args, "stop_at_eos", False)),
+                   **{name: _plain(getattr(args, name)) for name in SAMPLER_OPTIONS
+                      if hasattr(args, name)})
 
     # ----------------------------------------------------------------- inputs
 
@@ -326,6 +345,7 @@ class MaskedDiffusionGenerator:
                 hypo["history"] = [{"tokens": h.cpu()} for h in r.history]
             hypos[r.source].append(hypo)
             self.stats.entropy_sum += unigram_entropy(r.tokens.unsqueeze(0))
+            self.stats.repetition_sum += repeated_ngram_share(r.tokens.unsqueeze(0))
         self.stats.samples += len(rows)
         self.stats.filled_tokens += filled
         self.stats.network_calls += calls[0]
@@ -347,9 +367,12 @@ class MaskedDiffusionGenerator:
         z = inputs[0].new_full((len(rows), max(lengths)), self.pad)
         for k, x in enumerate(inputs):
             z[k, :x.numel()] = x
-        out = sample(_without_pad(self.model.denoiser(), self.pad), z, self.config,
-                     self.schedule, self.mask_index, generator=self._rng,
-                     retain_history=self.retain_history)
+        try:
+            out = sample(_without_pad(self.model.denoiser(), self.pad), z, self.config,
+                         self.schedule, self.mask_index, generator=self._rng,
+                         retain_history=self.retain_history)
+        except SamplerError as e:
+            raise user_error(e) from None
         scores = out.scores
         calls[0] += out.network_calls
         calls[1] += out.row_calls
@@ -364,9 +387,12 @@ class MaskedDiffusionGenerator:
     def _sample_semi_ar(self, rows: List[_Row], calls: List[int]) -> None:
         """One ``sample_semi_ar`` run over rows whose prompts have the same length."""
         prefix = torch.stack([r.prompt for r in rows])
-        out = sample_semi_ar(_without_pad(self.model.denoiser(), self.pad), prefix,
-                             self.gen_length, self.window, self.stride, self.config,
-                             self.schedule, self.mask_index, generator=self._rng)
+        try:
+            out = sample_semi_ar(_without_pad(self.model.denoiser(), self.pad), prefix,
+                                 self.gen_length, self.window, self.stride, self.config,
+                                 self.schedule, self.mask_index, generator=self._rng)
+        except SamplerError as e:
+            raise user_error(e) from None
         scores = out.scores
         calls[0] += out.network_calls
         calls[1] += out.row_calls

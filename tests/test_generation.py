@@ -147,9 +147,21 @@ def test_generator_rejects_bad_settings():
             make_generator(**kw)
     model = Revealing()
     model.time_conditioning = True
-    with pytest.raises(MDLMUserError, match="--sampler ddpm_cache needs a model without time"):
-        MaskedDiffusionGenerator(model, build_schedule("loglinear"), Specials(), MASK,
-                                 gen_length=W, window=W)
+    for sampler in ("ddpm_cache", "first_hitting"):
+        with pytest.raises(MDLMUserError, match=f"--sampler: sampler '{sampler}' needs a model "
+                                                f"without time conditioning"):
+            MaskedDiffusionGenerator(model, build_schedule("loglinear"), Specials(), MASK,
+                                     sampler=sampler, gen_length=W, window=W)
+    for kw, msg in [(dict(sampler="remdm", remdm_eta=-1.0), "--remdm-eta: the ReMDM eta must be >= 0"),
+                    (dict(sampler="remdm", remdm_t_off=0.6), "--remdm-t-off: the ReMDM t_off"),
+                    (dict(sampler="remdm", remdm_strategy="max"), "--remdm-strategy: unknown"),
+                    (dict(sampler="confidence", commit_schedule="exp"), "--commit-schedule: unknown")]:
+        with pytest.raises(MDLMUserError, match=re.escape(msg)):
+            make_generator(**kw)
+    gen = make_generator(sampler="confidence", steps=2, commit_per_step=3)
+    with pytest.raises(MDLMUserError, match=re.escape("--commit-per-step: the commit schedule "
+                                                      "does not finish")):
+        gen.generate_from_prompts([torch.tensor([40])])
     gen = make_generator(gen_length=10)
     with pytest.raises(MDLMUserError, match="a prompt has 11 tokens, more than the requested"):
         gen.generate_from_prompts([torch.arange(11) + 40])
@@ -387,9 +399,12 @@ def test_bad_input_gives_one_clear_error(ptb_tiny, trained_tiny):
          "mdlm_plugin: error: --sampling-topp: top_p must be in (0, 1], got 1.5"),
         (cli("generate", *gen, "--sampler", "euler"),
          "argument --sampler: invalid choice: 'euler' (choose from 'ddpm', 'ddpm_cache', "
-         "'analytic')"),
+         "'analytic', 'first_hitting', 'remdm', 'confidence')"),
         (cli("generate", *gen, "--model-overrides", "{'time_conditioning': True}"),
-         "mdlm_plugin: error: --sampler ddpm_cache needs a model without time conditioning"),
+         "mdlm_plugin: error: --sampler: sampler 'ddpm_cache' needs a model without time "
+         "conditioning"),
+        (cli("generate", *gen, "--sampler", "remdm", "--remdm-t-on", "0.2", "--remdm-t-off", "0.4"),
+         "mdlm_plugin: error: --remdm-t-off: the ReMDM t_off must be in [0, t_on = 0.2)"),
         (cli("generate", *gen, "--prefix-size", "5", "--gen-length", "3"),
          "mdlm_plugin: error: a prompt has 5 tokens, more than the requested length "
          "--gen-length 3"),
@@ -401,3 +416,49 @@ def test_bad_input_gives_one_clear_error(ptb_tiny, trained_tiny):
         assert rc != 0, text[-2000:]
         assert "Traceback" not in text, text[-3000:]
         assert message in text, text[-2000:]
+
+
+@pytest.mark.parametrize("sampler,extra", [
+    ("first_hitting", []), ("remdm", ["--remdm-eta", "0.2", "--remdm-strategy", "rescale"]),
+    ("confidence", ["--commit-schedule", "linear", "--confidence-noise", "0.5"])])
+def test_new_samplers_through_the_clis(ptb_tiny, trained_tiny, sampler, extra):
+    """fairseq-generate with prompts and fairseq-interactive with a prompt and an
+    infilling template, for each new sampler."""
+    common = [*_common(ptb_tiny, trained_tiny), "--sampler", sampler, "--steps", "12", *extra]
+    lines = "the company said\nthe <mask> said it <mask>*3 in the market\n"
+    (rc_g, out_g), (rc_i, out_i) = run_all(
+        cli("generate", *common, "--gen-subset", "test", "--batch-size", "16",
+            "--prefix-size", "3", "--seed", "5"),
+        cli("interactive", *common, "--gen-length", "16", stdin=lines))
+    assert rc_g == 0 and rc_i == 0, (out_g + out_i)[-3000:]
+    hyps, pos = _lines(out_g, "H"), _lines(out_g, "P")
+    assert len(hyps) > 50
+    for i, (p,) in pos.items():
+        scores = [float(v) for v in p.split()]
+        assert len(scores) == 32 and scores[:3] == [0.0] * 3 and all(v < 0 for v in scores[3:])
+    stats = re.search(r"(\d+) network calls \((\d+) row evaluations\).*mean unigram entropy "
+                      r"([\d.]+) nats, repeated 4-grams ([\d.]+)%", out_g)
+    assert stats and float(stats.group(3)) > 0 and 0 <= float(stats.group(4)) <= 100
+    if sampler == "first_hitting":             # one row evaluation per filled token
+        assert int(stats.group(2)) == 29 * len(hyps)
+    hyps_i = _lines(out_i, "H")
+    assert hyps_i[0][0].split("\t")[1].startswith("the company said")
+    assert re.fullmatch(r"the( \S+)? said it( \S+){0,3} in the market", hyps_i[1][0].split("\t")[1])
+    assert "<mask>" not in "".join(h for hs in (*hyps.values(), *hyps_i.values()) for h in hs)
+
+
+def test_window_comes_from_the_checkpoint(ptb_tiny, trained_tiny):
+    """Without --tokens-per-sample the CLIs sample the checkpoint's 32-token window (the
+    default, 1024, would exceed the tiny model's positions); a given one still wins."""
+    common = [ptb_tiny, "--user-dir", USER_DIR, "--task", "masked_diffusion", "--path",
+              trained_tiny[0] / "checkpoint_best.pt", "--cpu", "--steps", "4"]
+    (rc_g, out_g), (rc_i, out_i), (rc_w, out_w) = run_all(
+        cli("generate", *common, "--gen-subset", "test", "--batch-size", "32"),
+        cli("interactive", *common, stdin="the company said\n"),
+        cli("interactive", *common, "--tokens-per-sample", "20", stdin="the company said\n"))
+    assert rc_g == 0 and rc_i == 0 and rc_w == 0, (out_g + out_i + out_w)[-3000:]
+    assert "--tokens-per-sample 32, from the checkpoint" in out_g
+    pos = _lines(out_g, "P")
+    assert len(pos) > 50 and all(len(p[0].split()) == 32 for p in pos.values())
+    assert len(_lines(out_i, "P")[0][0].split()) == 32
+    assert len(_lines(out_w, "P")[0][0].split()) == 20

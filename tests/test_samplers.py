@@ -1,12 +1,13 @@
 """Tests of mdlm_plugin.diffusion.samplers against denoisers with known answers."""
 import math
+import re
 
 import pytest
 import torch
 
 from mdlm_plugin.diffusion.samplers import (
-    SampleResult, SamplerConfig, denoise_probs, inverse_cdf, sample, sample_semi_ar,
-    unigram_entropy, _transition,
+    Confidence, ReMDM, SampleResult, SamplerConfig, SamplerError, StepContext, denoise_probs,
+    inverse_cdf, repeated_ngram_share, sample, sample_semi_ar, unigram_entropy, _transition,
 )
 from mdlm_plugin.diffusion.schedules import build_schedule
 
@@ -93,6 +94,7 @@ def tempered(p, temperature, top_p=1.0):
 
 @pytest.mark.parametrize("sampler,schedule,steps", [
     ("ddpm", "loglinear", 20), ("analytic", "loglinear", 20), ("ddpm_cache", "loglinear", 20),
+    ("first_hitting", "loglinear", 20), ("first_hitting", "cosine", 1),
     ("ddpm", "cosine", 7), ("analytic", "geometric", 13), ("ddpm", "linear", 1),
 ])
 def test_oracle_marginals(sampler, schedule, steps):
@@ -100,7 +102,7 @@ def test_oracle_marginals(sampler, schedule, steps):
     cfg = SamplerConfig(sampler=sampler, steps=steps)
     out = sample(Oracle(p), all_masked(4000), cfg, build_schedule(schedule), MASK,
                  generator=torch.Generator().manual_seed(1))
-    assert isinstance(out, SampleResult) and out.steps == steps
+    assert isinstance(out, SampleResult) and out.steps == (L if sampler == "first_hitting" else steps)
     assert chi2(out.tokens, p) < CHI2_MAX
     # the test has power: an off-by-one token or the wrong position fails it
     wrong = torch.cat([p[:, :MASK].roll(1, dims=1), p[:, MASK:]], 1)
@@ -313,8 +315,11 @@ def test_bad_inputs_raise():
         SamplerConfig(temperature=-1.0)
     with pytest.raises(ValueError, match=r"t_min must be in \[0, 1\)"):
         SamplerConfig(t_min=1.0)
-    with pytest.raises(ValueError, match="time-conditioned.*sampler='ddpm'"):
-        SamplerConfig(sampler="ddpm_cache", time_conditioned=True)
+    for name in ("ddpm_cache", "first_hitting"):
+        with pytest.raises(SamplerError, match=f"sampler '{name}' needs a model without time "
+                                               f"conditioning.*Use sampler 'ddpm'") as e:
+            SamplerConfig(sampler=name, time_conditioned=True)
+        assert e.value.field == "sampler"
     cfg = SamplerConfig(steps=2)
     cfg.steps = 0                           # mutated after construction: caught by sample()
     with pytest.raises(ValueError, match="positive integer"):
@@ -339,3 +344,162 @@ def test_unigram_entropy():
     # ignored ids are left out; a row with nothing left is skipped
     tokens = torch.tensor([[1, 2, 9, 9], [9, 9, 9, 9]])
     assert unigram_entropy(tokens, ignore=(9,)) == pytest.approx(math.log(2))
+
+
+# ------------------------------------------------------------------ the step rules
+
+def test_pinned_outputs_of_the_ancestral_samplers():
+    """The tokens drawn before the samplers became step rules (same seed, same model)."""
+    sched = build_schedule("loglinear")
+    z = all_masked(3, 8)
+    z[1, :2] = torch.tensor([0, 1])
+    z[2, 4] = 3
+    want = [[3, 0, 4, 3, 0, 3, 0, 4], [0, 1, 4, 2, 1, 2, 2, 2], [3, 1, 1, 4, 3, 1, 1, 0]]
+    for name in ("ddpm", "ddpm_cache", "analytic"):
+        out = sample(Contextual(), z, SamplerConfig(sampler=name, steps=10), sched, MASK,
+                     torch.Generator().manual_seed(21))
+        assert out.tokens.tolist() == want
+        assert float(out.scores.double().sum()) == pytest.approx(-14.1377, abs=1e-4)
+    out = sample_semi_ar(Contextual(), torch.tensor([[0, 1], [2, 3]]), 14, 8, 3,
+                         SamplerConfig(sampler="ddpm", steps=4), sched, MASK,
+                         torch.Generator().manual_seed(22))
+    assert out.tokens.tolist() == [[0, 1, 4, 3, 1, 3, 3, 2, 1, 1, 0, 4, 1, 1],
+                                   [2, 3, 1, 1, 4, 1, 1, 2, 1, 1, 4, 1, 1, 0]]
+
+
+def test_first_hitting_one_network_call_per_masked_token():
+    z = all_masked(5, 12)
+    g = torch.Generator().manual_seed(3)
+    given = torch.rand(5, 12, generator=g) < torch.tensor([0.0, 0.3, 0.6, 0.9, 1.0]).unsqueeze(1)
+    z[given] = 2
+    model = Contextual()
+    out = sample(model, z, SamplerConfig(sampler="first_hitting", steps=3), build_schedule("loglinear"),
+                 MASK, torch.Generator().manual_seed(4), retain_history=True)
+    per_row = (z == MASK).sum(1)
+    assert out.row_calls == int(per_row.sum()) and out.steps == int(per_row.max())
+    assert out.network_calls == model.calls == int(per_row.max())
+    assert torch.equal(out.tokens[given], z[given]) and not _masked_any(out.tokens)
+    for a, b in zip(out.history[:-1], out.history[1:]):       # one position per row a step
+        assert torch.equal((a != b).sum(1), ((a == MASK).sum(1) > 0).long())
+
+
+def test_remdm_with_eta_zero_is_ddpm():
+    sched = build_schedule("loglinear")
+    z = all_masked(6, 10)
+    z[:, :2] = 1
+    runs = [sample(Contextual(), z, SamplerConfig(sampler=name, steps=30, remdm_eta=0.0), sched,
+                   MASK, torch.Generator().manual_seed(9)) for name in ("ddpm", "remdm")]
+    assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].scores, runs[1].scores)
+
+
+def remdm_context(cfg, sched, z, given, x, scores):
+    masked = z == MASK
+    return StepContext(0, torch.tensor(0.6, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64),
+                       z, masked, given, None, x, scores, MASK, sched, torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("strategy", ["cap", "rescale", "conf"])
+def test_remdm_one_step_probabilities(strategy):
+    """Position 0 decoded (token 2, drawn with probability 0.3), position 1 masked: the
+    frequencies of one step over many rows against the formulas, by hand."""
+    sched, n = build_schedule("loglinear"), 200000
+    cfg = SamplerConfig(sampler="remdm", remdm_strategy=strategy, remdm_eta=0.1)
+    z = torch.tensor([[2, MASK]]).expand(n, -1).clone()
+    given = torch.zeros(n, 2, dtype=torch.bool)
+    x1 = torch.tensor([0.5, 0.25, 0.125, 0.125, 0.0, 0.0], dtype=torch.float64)
+    scores = torch.tensor([[math.log(0.3), 0.0]]).expand(n, -1).clone()
+    new = ReMDM(cfg).step(remdm_context(cfg, sched, z, given, x1.expand(n, -1), scores))
+    a_t, a_s = float(sched.alpha(torch.tensor(0.6))), float(sched.alpha(torch.tensor(0.5)))
+    sigma_max = min(1.0, (1 - a_s) / a_t)
+    sigma = {"cap": min(0.1, sigma_max), "rescale": 0.1 * sigma_max, "conf": sigma_max}[strategy]
+    sigma_masked = 0.0 if strategy == "conf" else sigma      # conf: the only decoded token
+    remask = float((new[:, 0] == MASK).double().mean())
+    assert remask == pytest.approx(sigma, abs=4 * math.sqrt(sigma * (1 - sigma) / n))
+    assert bool((new[:, 0][new[:, 0] != MASK] == 2).all())
+    want = torch.cat([(a_s - (1 - sigma_masked) * a_t) * x1[:MASK],
+                      torch.tensor([1 - a_s - sigma_masked * a_t], dtype=torch.float64)]) / (1 - a_t)
+    got = torch.bincount(new[:, 1], minlength=V).double() / n
+    assert torch.allclose(got, want, atol=4 * math.sqrt(0.25 / n))
+
+
+def test_remdm_remasks_and_ends_without_masks():
+    sched = build_schedule("loglinear")
+    z = all_masked(64, 12)
+    z[:, :3] = 4
+    for cfg in (SamplerConfig(sampler="remdm", steps=40, remdm_eta=0.5, remdm_strategy="rescale"),
+                SamplerConfig(sampler="remdm", steps=40, remdm_eta=0.3, remdm_loop=True)):
+        out = sample(Contextual(), z, cfg, sched, MASK, torch.Generator().manual_seed(2),
+                     retain_history=True)
+        h = torch.stack(out.history)
+        remasked = (h[:-1] != MASK) & (h[1:] == MASK)
+        assert bool(remasked.any()) and not bool(remasked[:, :, :3].any())
+        assert not _masked_any(out.tokens) and bool((out.tokens[:, :3] == 4).all())
+        assert bool((out.scores[:, 3:] < 0).all()) and bool((out.scores[:, :3] == 0).all())
+
+
+@pytest.mark.parametrize("schedule,per_step,steps", [("cosine", 0, 5), ("linear", 0, 4),
+                                                     ("cosine", 3, 4), ("linear", 0, 15)])
+def test_confidence_commits_the_scheduled_most_confident(schedule, per_step, steps):
+    sched = build_schedule("loglinear")
+    z = all_masked(6, 10)
+    z[1, :4] = torch.tensor([0, 1, 2, 3])          # a prompt
+    z[2, ::3] = 4                                  # infill context
+    cfg = SamplerConfig(sampler="confidence", steps=steps, commit_schedule=schedule,
+                        commit_per_step=per_step)
+    out = sample(Contextual(), z, cfg, sched, MASK, torch.Generator().manual_seed(6),
+                 retain_history=True)
+    assert not _masked_any(out.tokens) and torch.equal(out.tokens[z != MASK], z[z != MASK])
+    n = (z == MASK).sum(1).double()
+    for k, (a, b) in enumerate(zip(out.history[:-1], out.history[1:])):
+        frac = (k + 1) / steps
+        left = (n - per_step * (k + 1)).clamp(min=0) if per_step else (
+            n * (math.cos(math.pi / 2 * frac) if schedule == "cosine" else 1 - frac)).floor()
+        if k == steps - 1:
+            left = torch.zeros_like(n)
+        assert torch.equal((b == MASK).sum(1).double(), left), k
+    # committed = the most confident draws: replay step 0 of row 0 on the Contextual model
+    model = Contextual()
+    x = denoise_probs(model(z[:1], None, z[:1] == MASK), MASK)
+    u = torch.rand(6, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    drawn = inverse_cdf(x, u[0])
+    conf = x.gather(-1, drawn.unsqueeze(-1)).squeeze(-1)
+    committed = out.history[1][0] != MASK
+    assert torch.equal(out.history[1][0][committed], drawn[committed])
+    if bool(committed.any()) and not bool(committed.all()):
+        assert conf[committed].min() >= conf[~committed].max()
+
+
+def test_confidence_noise_changes_the_order_only():
+    sched = build_schedule("loglinear")
+    z = all_masked(8, 10)
+    out = sample(Contextual(), z, SamplerConfig(sampler="confidence", steps=4, confidence_noise=2.0),
+                 sched, MASK, torch.Generator().manual_seed(6))
+    assert not _masked_any(out.tokens) and bool((out.scores < 0).all())
+
+
+def test_bad_sampler_parameters_one_error_each():
+    cases = [(dict(remdm_eta=-0.1), "remdm_eta", "eta must be >= 0"),
+             (dict(remdm_t_on=0.3, remdm_t_off=0.3), "remdm_t_off", "t_off must be in [0, t_on"),
+             (dict(remdm_strategy="max"), "remdm_strategy", "unknown ReMDM strategy 'max'"),
+             (dict(remdm_alpha_on=1.0), "remdm_alpha_on", "alpha_on must be in (0, 1)"),
+             (dict(commit_schedule="exp"), "commit_schedule", "unknown commit schedule 'exp'"),
+             (dict(commit_per_step=-1), "commit_per_step", "commit_per_step must be an integer"),
+             (dict(confidence_noise=-1.0), "confidence_noise", "confidence_noise must be >= 0")]
+    for kw, field, message in cases:
+        with pytest.raises(SamplerError, match=re.escape(message)) as e:
+            SamplerConfig(sampler="remdm", **kw)
+        assert e.value.field == field
+    cfg = SamplerConfig(sampler="confidence", steps=3, commit_per_step=2)
+    with pytest.raises(SamplerError, match="the commit schedule does not finish: 2 positions "
+                                           "per step x 3 steps < 8 masked") as e:
+        sample(Contextual(), all_masked(2), cfg, build_schedule("loglinear"), MASK)
+    assert e.value.field == "commit_per_step"
+
+
+def test_repeated_ngram_share():
+    tokens = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 4], [1, 2, 3, 4, 5, 6, 7, 8]])
+    # row 0: 5 four-grams, 4 distinct -> 1/5 repeated; row 1: none
+    assert repeated_ngram_share(tokens) == pytest.approx((0.2 + 0.0) / 2)
+    assert repeated_ngram_share(torch.tensor([[7, 7, 7, 7, 7, 9]]), ignore=(9,)) == pytest.approx(0.5)
+    assert repeated_ngram_share(torch.tensor([[7] * 6])) == pytest.approx(2 / 3)
+    assert repeated_ngram_share(torch.tensor([[1, 2, 3]])) == 0.0

@@ -25,6 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# the output layer runs on at least this many positions (see DiT.forward)
+MIN_HEAD_ROWS = 16
+
+
 class LayerNorm(nn.Module):
     """Weight-only LayerNorm computed in fp32 (stable under --fp16/--amp)."""
 
@@ -223,11 +227,12 @@ class FinalLayer(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def forward(self, x, c, rows=None):
-        """x (B, L, D) with c (B, C) or (B, L, C); or x (N, D) gathered positions of
-        batch ``rows``, or with their own c (N, C)."""
+        """x (B, L, D) with c (B or 1, C) or (B, L, C); or x (N, D) gathered positions
+        of batch ``rows``, or with their own c (N, C)."""
         shift, scale = self.adaLN(c).chunk(2, dim=-1)
         if rows is not None:
-            shift, scale = shift[rows], scale[rows]
+            if shift.size(0) > 1:              # (1, D) broadcasts over the positions
+                shift, scale = shift[rows], scale[rows]
         elif shift.dim() < x.dim():
             shift, scale = shift.unsqueeze(1), scale.unsqueeze(1)
         return self.head(modulate(self.norm(x), shift, scale))
@@ -265,14 +270,19 @@ class DiT(nn.Module):
         self.dropout = dropout
 
     def condition(self, batch: int, sigma=None, device=None):
-        """The adaLN conditioning vector (B, C): from sigma with time conditioning,
-        else the same learned constant for every row."""
+        """The adaLN conditioning vector: (B, C) from sigma with time conditioning, or
+        (1, C), broadcast over the batch, when every row gets the same one (without
+        time conditioning: a learned constant). A shared vector is computed once, so
+        a row's output does not depend on the other rows of its batch (a matmul over
+        B rows rounds differently for different B)."""
         if sigma is None or not self.time_conditioning:
-            sigma = torch.zeros(batch, device=device)
+            sigma = torch.zeros(1, device=device)
+        elif sigma.dim() == 1 and sigma.numel() > 1 and bool((sigma == sigma[:1]).all()):
+            sigma = sigma[:1]
         return F.silu(self.sigma_map(sigma))
 
     def hidden(self, tokens, sigma=None, padding_mask=None, cache: Optional[KVCache] = None):
-        """Final hidden states (B, L, D) and the conditioning vector (B, C)."""
+        """Final hidden states (B, L, D) and the conditioning vector (B or 1, C)."""
         B, L = tokens.shape
         past = 0
         if cache is not None:
@@ -310,13 +320,26 @@ class DiT(nn.Module):
         return self._head(x, c, positions)
 
     def _head(self, x, c, positions):
-        """Logits (B, L, V), or (N, V) at ``positions``; c (B, C) or (B, L, C)."""
+        """Logits (B, L, V), or (N, V) at ``positions``; c (B or 1, C) or (B, L, C)."""
         if positions is None:
             return self.final(x, c)
-        if c.dim() == 3:
-            return self.final(x[positions], c[positions])
-        rows = torch.arange(x.size(0), device=x.device).unsqueeze(-1).expand_as(positions)
-        return self.final(x[positions], c, rows[positions])
+        h, rows = x[positions], None
+        if c.dim() == 3:                       # per-position conditioning (block diffusion)
+            c = c[positions]
+        else:
+            rows = torch.arange(x.size(0), device=x.device).unsqueeze(-1).expand_as(positions)
+            rows = rows[positions]
+        n = h.size(0)
+        if n < MIN_HEAD_ROWS:
+            # a matmul over a few rows takes another kernel path than one over many and
+            # rounds differently: padded, a position's logits do not depend on how many
+            # other positions share the call (the cached sampler relies on it)
+            h = F.pad(h, (0, 0, 0, MIN_HEAD_ROWS - n))
+            if rows is None:
+                c = F.pad(c, (0, 0, 0, MIN_HEAD_ROWS - n))
+            else:
+                rows = F.pad(rows, (0, MIN_HEAD_ROWS - n))
+        return self.final(h, c, rows)[:n]
 
     def forward_blocks(self, z_t, x, block_size: int, sigma=None, padding_mask=None,
                        positions=None):

@@ -41,7 +41,7 @@ from fairseq.tasks import FairseqTask, register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 from fairseq import utils
 
-from ..diffusion.samplers import SAMPLERS
+from ..diffusion.samplers import COMMIT_SCHEDULES, REMDM_STRATEGIES, SAMPLERS
 from ..diffusion.schedules import SCHEDULES, build_schedule
 from ..errors import MDLMUserError
 
@@ -53,8 +53,15 @@ MAX_EVAL_PASSES = 64
 MASK_SPAN = re.compile(re.escape(MASK_SYMBOL) + r"(?:\*(\d+))?")
 
 
+DEFAULT_WINDOW = 1024      # language_modeling's --tokens-per-sample default
+
+
 @dataclass
 class MaskedDiffusionConfig(LanguageModelingConfig):
+    tokens_per_sample: int = field(
+        default=0, metadata={"help": f"tokens per sample (a block of text); also the sampling "
+                                     f"window. 0 (not given): {DEFAULT_WINDOW} for training; "
+                                     f"fairseq-generate/-interactive take the checkpoint's"})
     noise_schedule: ChoiceEnum(list(SCHEDULES)) = field(
         default="loglinear", metadata={"help": "forward-process noise schedule"})
     noise_eps: float = field(
@@ -71,11 +78,35 @@ class MaskedDiffusionConfig(LanguageModelingConfig):
                                      "checkpoint's bound is reproducible"})
     sampler: ChoiceEnum(list(SAMPLERS)) = field(
         default="ddpm_cache",
-        metadata={"help": "generation: ancestral sampler; ddpm_cache skips the network "
-                          "when a step changed no token (exact, but only for models "
-                          "without time conditioning: use ddpm for those)"})
+        metadata={"help": "generation: ddpm (ancestral), ddpm_cache (reruns a row only "
+                          "after a step changed it), analytic, first_hitting (one token "
+                          "per step and row), remdm (remasking), confidence (commits the "
+                          "most confident); ddpm_cache and first_hitting need a model "
+                          "without time conditioning"})
     steps: int = field(
         default=128, metadata={"help": "generation: diffusion steps (per window)"})
+    remdm_strategy: ChoiceEnum(list(REMDM_STRATEGIES)) = field(
+        default="cap", metadata={"help": "generation, remdm: remasking probability sigma_t: "
+                                         "cap min(eta, sigma_max), rescale eta sigma_max, "
+                                         "conf by the token's probability when drawn"})
+    remdm_eta: float = field(
+        default=0.02, metadata={"help": "generation, remdm: eta (0: the ddpm step)"})
+    remdm_loop: bool = field(
+        default=False, metadata={"help": "generation, remdm: remask only for t in "
+                                         "[t_off, t_on), at alpha held at alpha_on"})
+    remdm_t_on: float = field(default=0.55, metadata={"help": "generation, remdm loop: t_on"})
+    remdm_t_off: float = field(default=0.05, metadata={"help": "generation, remdm loop: t_off"})
+    remdm_alpha_on: float = field(
+        default=0.9, metadata={"help": "generation, remdm loop: alpha held in the loop"})
+    commit_schedule: ChoiceEnum(list(COMMIT_SCHEDULES)) = field(
+        default="cosine", metadata={"help": "generation, confidence: how many masked "
+                                            "positions stay masked after each step"})
+    commit_per_step: int = field(
+        default=0, metadata={"help": "generation, confidence: commit K positions per step "
+                                     "instead of the schedule (0: the schedule)"})
+    confidence_noise: float = field(
+        default=0.0, metadata={"help": "generation, confidence: temperature of the Gumbel "
+                                       "noise added to the confidence (0: none)"})
     gen_length: int = field(
         default=0, metadata={"help": "generation: tokens per sample, prompt included "
                                      "(0: --tokens-per-sample). Longer than the window "
@@ -132,7 +163,13 @@ class MaskedDiffusionTask(LanguageModelingTask):
                 "at the head of every target block, a free token the bound would score "
                 "(fairseq-eval-lm leaves it out for AR models); drop the flag, and train "
                 "the AR baselines without it to compare like for like")
+        # the window given on the command line wins; otherwise a checkpoint's (its task
+        # state records it, see load_state_dict), else the default
+        self.window_given = args.tokens_per_sample > 0
+        if not self.window_given:
+            args.tokens_per_sample = DEFAULT_WINDOW
         super().__init__(args, dictionary, output_dictionary, targets)
+        self.state.merge_state_dict({"tokens_per_sample": args.tokens_per_sample})
         self.mask_index = dictionary.index(MASK_SYMBOL) if dictionary is not None else None
         if not 1 <= args.eval_passes <= MAX_EVAL_PASSES:
             raise MDLMUserError(f"--eval-passes must be in [1, {MAX_EVAL_PASSES}], "
@@ -167,8 +204,8 @@ class MaskedDiffusionTask(LanguageModelingTask):
             raise MDLMUserError(
                 f"--tokens-per-sample {self.args.tokens_per_sample} exceeds the checkpoint's "
                 f"{limit} positions: pass the --tokens-per-sample the model was trained with "
-                f"(fairseq-generate and fairseq-interactive do not read it from the "
-                f"checkpoint; it is also the sampling window)")
+                f"(a checkpoint saved by an older version does not record it; it is also the "
+                f"sampling window)")
         if isinstance(limit, int) and self.args.tokens_per_sample > limit:
             raise MDLMUserError(
                 f"--tokens-per-sample {self.args.tokens_per_sample} exceeds the model's "
@@ -195,6 +232,17 @@ class MaskedDiffusionTask(LanguageModelingTask):
         else:
             kwargs["required_batch_size_multiple"] = 1
         return super().get_batch_iterator(dataset, *args, **kwargs)
+
+    def load_state_dict(self, state_dict):
+        """A checkpoint's task state (fairseq loads it before building the model): its
+        --tokens-per-sample becomes the window unless one was given on the command line
+        (checkpoints saved before this was recorded hold none)."""
+        super().load_state_dict(state_dict)
+        saved = state_dict.get("tokens_per_sample")
+        if saved and not self.window_given and saved != self.args.tokens_per_sample:
+            logger.info("--tokens-per-sample %d, from the checkpoint", saved)
+            self.args.tokens_per_sample = saved
+        self.state.merge_state_dict({"tokens_per_sample": self.args.tokens_per_sample})
 
     @property
     def uses_ema(self):
