@@ -170,14 +170,3 @@ def data_blocks(data_dir: str, split: str, length: int, n: Optional[int] = None)
     blocks = flat[: flat.numel() // length * length].view(-1, length)
     return blocks if n is None else blocks[:n]
 
-
-def repeated_ngram_share(tokens: torch.Tensor, n: int = 4) -> float:
-    """Mean over rows of the share of a row's n-grams that repeat an earlier n-gram of
-    the same row (1 - distinct / total): 0 for a row without repeats, near 1 for a
-    degenerate loop. Beside the unigram entropy it shows diversity lost to repetition."""
-    shares = []
-    for row in tokens.reshape(-1, tokens.size(-1)).tolist():
-        grams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
-        if grams:
-            shares.append(1 - len(set(grams)) / len(grams))
-    return sum(shares) / len(shares) if shares else 0.0

@@ -215,6 +215,12 @@ def read_train_log(text: str) -> Dict[str, object]:
             if wps else None}
 
 
+def updates_done(checkpoint: str) -> int:
+    import torch
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    return int((state.get("optimizer_history") or [{}])[-1].get("num_updates") or 0)
+
+
 def train(model: str, seed: int, args) -> Dict[str, object]:
     save_dir = run_dir(model, seed, args)
     os.makedirs(save_dir, exist_ok=True)
@@ -225,18 +231,25 @@ def train(model: str, seed: int, args) -> Dict[str, object]:
             done = json.load(f)
         if without_log_format(done.get("command") or []) == without_log_format(cmd):
             print(f"{model} seed {seed}: trained already ({done_file})", flush=True)
-            return done
+            done.setdefault("wall_min", None if done["resumed"] else done["wall_s"] / 60)
+            return {**done, "seed": seed}       # records from before seeds lack both
     print(f"{model} seed {seed}: training {args.max_update} updates", flush=True)
     log = os.path.join(save_dir, "train.log")
     resumed = os.path.isfile(os.path.join(save_dir, "checkpoint_last.pt"))
-    timing = run(cmd, log, args, f"training {model} seed {seed}")
+    if resumed and updates_done(os.path.join(save_dir, "checkpoint_last.pt")) >= args.max_update:
+        print(f"{model} seed {seed}: finished already, made without compare.py (its command "
+              "is not checked; resuming would train one update more)", flush=True)
+        timing = {"wall_s": None, "cpu_s": None}
+    else:
+        timing = run(cmd, log, args, f"training {model} seed {seed}")
     with open(log) as f:
         parsed = read_train_log(f.read())
     tokens = args.max_update * args.batch_size * args.tokens_per_sample
     result = {"model": model, "seed": seed, "command": cmd, "tokens_seen": tokens,
               "checkpoint": os.path.join(save_dir, "checkpoint_last.pt"), **parsed,
               "resumed": resumed, **timing,
-              "tokens_per_cpu_s": None if resumed else tokens / max(timing["cpu_s"], 1e-9)}
+              "tokens_per_cpu_s": None if resumed else tokens / max(timing["cpu_s"], 1e-9),
+              "wall_min": None if resumed else timing["wall_s"] / 60}
     if not os.path.isfile(result["checkpoint"]):
         raise CompareError(f"training {model} wrote no {result['checkpoint']}; see {log}")
     with open(done_file, "w") as f:
@@ -280,8 +293,8 @@ def evaluate(model: str, ckpt: str, data_dir: str, args, tag: str) -> Dict[str, 
 def score(tokens, judges: Dict[str, object]) -> Dict[str, object]:
     """A sample set under every AR judge, its unigram entropy and repeated 4-grams."""
     import torch
-    from mdlm_plugin.diffusion.samplers import unigram_entropy
-    from mdlm_plugin.generative_eval import generative_perplexity, repeated_ngram_share
+    from mdlm_plugin.diffusion.samplers import repeated_ngram_share, unigram_entropy
+    from mdlm_plugin.generative_eval import generative_perplexity
     with torch.no_grad():
         by = {j: generative_perplexity(m, tokens) for j, m in judges.items()}
     return {"gen_ppl": {j: g["ppl"] for j, g in by.items()},
@@ -490,14 +503,14 @@ def generation_section(res: Dict, args) -> List[str]:
 def training_section(res: Dict, args) -> List[str]:
     out = ["## Training", "", "Tokens/s: fairseq's logged `wps` (median over log intervals); "
            "tokens per CPU-second: tokens seen / CPU time of fairseq-train (robust to other "
-           "load; not for resumed runs); wall: the whole run, validation included.", ""]
+           "load) and wall time of the whole run, validation included: not for resumed runs.", ""]
     rows = []
     for m in res["models"]:
         t = [r["training"] for r in res["runs"][m]]
         rows.append([m, seeds_cell(res, m, args),
                      mean_sd([x["train_wps_median"] for x in t], ",.0f"),
                      mean_sd([x["tokens_per_cpu_s"] for x in t], ",.0f"),
-                     mean_sd([x["wall_s"] / 60 for x in t], ".1f"),
+                     mean_sd([x.get("wall_min") for x in t], ".1f"),
                      mean_sd([x["valid_curve"][-1][1] if x["valid_curve"] else None for x in t])])
     head = ["model", "seeds", "tokens/s", "tokens per CPU-s", "wall (min)", "final valid ppl"]
     return out + [md_table(head, rows), "", "Plots: `valid_ppl.png`, `gen_ppl.png`.", ""]
