@@ -28,6 +28,7 @@ from typing import Dict, List, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)     # this checkout's mdlm_plugin, installed or not
 from mdlm_plugin import recipes, reporting  # noqa: E402
+from mdlm_plugin.diffusion.samplers import SAMPLERS  # noqa: E402
 from mdlm_plugin.reporting import COLOURS, md_table  # noqa: E402
 
 MODELS = ("mdlm", "mdlm_ar", "transformer_lm")     # the default rows
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-passes", type=int, default=4, help="Monte-Carlo passes of a bound")
     e.add_argument("--samples", type=int, default=16, help="per model, sampler and budget")
     e.add_argument("--steps", type=int, nargs="+", default=[16, 64, 256, 1000])
-    e.add_argument("--samplers", nargs="+", default=["ddpm_cache"])
+    e.add_argument("--samplers", nargs="+", default=["ddpm_cache"], choices=SAMPLERS)
     e.add_argument("--sample-batch", type=int, default=16)
     p.add_argument("--report-only", action="store_true", help="re-render from results.json")
     return p
@@ -81,7 +82,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.models += [f"bd3_{n}" for n in args.block_sizes if f"bd3_{n}" not in args.models]
-    from mdlm_plugin.diffusion.samplers import SAMPLERS
     try:
         for m in args.models or p.error("--models is empty"):
             recipes.variant(m)
@@ -93,8 +93,6 @@ def parse_args(argv=None):
         p.error(f"--seeds-for: MODEL=N with MODEL in --models, 1 <= N <= {len(args.seeds)}")
     if len(set(args.seeds)) < len(args.seeds) or min(args.seeds) < 1:
         p.error("--seeds must be distinct positive integers")
-    if set(args.samplers) - set(SAMPLERS):
-        p.error(f"--samplers: choose from {', '.join(SAMPLERS)}")
     for name in ("max_update", "batch_size", "tokens_per_sample", "samples",
                  "validate_interval_updates", "sample_batch"):
         if getattr(args, name) <= 0:
@@ -461,10 +459,10 @@ def zero_shot_section(res: Dict, args) -> List[str]:
     for m in res["models"]:
         runs = [r["zero_shot"] for r in res["runs"][m]]
         bound = "<= " if runs[0]["bound"] else ""
+        zs = lambda r: r["zero_shot"]["ppl"]  # noqa: E731
         rows.append([m, seeds_cell(res, m, args), bound + mean_sd([e["ppl"] for e in runs], ".2f")]
                     + ([bound + mean_sd([e["word_ppl"] for e in runs], ".2f")] if words else [])
-                    + [f"{runs[0]['tokens']:,}", ratio_cell(res, m, lambda r: r["zero_shot"]["ppl"],
-                                                            "mdlm", lambda r: r["zero_shot"]["ppl"])])
+                    + [f"{runs[0]['tokens']:,}", ratio_cell(res, m, zs, "mdlm", zs)])
     head = ["model", "seeds", "ppl per token"] + (["word-level ppl"] if words else []) \
         + ["tokens scored", "/ mdlm"]
     return out + [md_table(head, rows), ""]
@@ -495,9 +493,9 @@ def generation_section(res: Dict, args) -> List[str]:
     head = ["samples from", "sampler", "steps", "calls"] + \
         [f"gen ppl ({j})" for j in g["judges"]] + ["entropy", "repeats", "s / sample"]
     out += [md_table(head, rows), "", "First sample of each kind (first seed, most steps):", ""]
+    most = (max(args.steps), args.tokens_per_sample)
     return out + [f"- {r['source']} {r['sampler']} {r['steps']}: `{r['example'][:300]}`"
-                  for r in g["rows"] if r["example"] and r["steps"] in (max(args.steps),
-                                                                        args.tokens_per_sample)] + [""]
+                  for r in g["rows"] if r["example"] and r["steps"] in most] + [""]
 
 
 def training_section(res: Dict, args) -> List[str]:
