@@ -283,7 +283,7 @@ def test_block_model_with_time_conditioning_refuses_ddpm_cache():
     model = MDLMModel(MDLMConfig(embed_dim=16, layers=1, attention_heads=2, cond_dim=8,
                                  time_conditioning=True, block_size=4), dictionary)
     kw = dict(gen_length=8, window=8)
-    with pytest.raises(MDLMUserError, match="ddpm_cache needs a model without time"):
+    with pytest.raises(MDLMUserError, match="--sampler: sampler 'ddpm_cache' needs a model without time"):
         MaskedDiffusionGenerator(model, SCHEDULE, dictionary, mask, sampler="ddpm_cache", **kw)
     with pytest.raises(MDLMUserError, match="--semi-ar-stride does not apply"):
         MaskedDiffusionGenerator(model, SCHEDULE, dictionary, mask, sampler="ddpm",

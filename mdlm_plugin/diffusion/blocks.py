@@ -24,10 +24,9 @@ lowers the variance and is no longer a bound, so evaluation never uses it.
 
 Sampling: blocks left to right. The committed clean blocks are run once into the
 caller's key/value cache (``context.commit``); each new block is filled by any
-sampler of ``samplers.py`` through a denoiser that attends to that cache. A row
-tag in column 0 of the block tells the denoiser which batch rows a call is about
-(samplers may run a subset of the rows); it is a given token, so the samplers
-never change it.
+sampler of ``samplers.py`` through a denoiser that attends to that cache; the
+shared sampling loop tells it which batch rows each call is about (``row_indexed``:
+a sampler may run a subset of the rows).
 """
 from __future__ import annotations
 
@@ -148,21 +147,12 @@ class BlockSampleResult(SampleResult):
 def _sample_block(context: BlockContext, block: torch.Tensor, config: SamplerConfig,
                   schedule: NoiseSchedule, mask_index: int,
                   generator: Optional[torch.Generator]) -> SampleResult:
-    """``samplers.sample`` on one block, the batch row of each call read off a tag
-    column (a given token, so no sampler changes it) and stripped again."""
-    b = block.size(0)
-    if b > mask_index:
-        raise ValueError(f"block sampling tags rows with token ids below mask_index "
-                         f"({mask_index}); sample at most that many rows at once, got {b}")
-    tags = torch.arange(b, device=block.device).unsqueeze(1)
+    """``samplers.sample`` on one block, each call given the batch rows it is about."""
+    def denoise(z, sigma, positions, rows):
+        return context.denoise(rows, z, sigma, positions)
 
-    def tagged(z, sigma, positions):
-        return context.denoise(z[:, 0], z[:, 1:], sigma, positions[:, 1:])
-
-    out = sample(tagged, torch.cat([tags, block], 1), config, schedule, mask_index,
-                 generator=generator)
-    out.tokens, out.scores = out.tokens[:, 1:], out.scores[:, 1:]
-    return out
+    return sample(denoise, block, config, schedule, mask_index, generator=generator,
+                  row_indexed=True)
 
 
 @torch.no_grad()

@@ -484,7 +484,7 @@ RULES = {"ddpm": Ancestral, "ddpm_cache": Ancestral, "analytic": Ancestral,
 def sample(denoiser: Denoiser, z: torch.Tensor, config: SamplerConfig,
            schedule: NoiseSchedule, mask_index: int,
            generator: Optional[torch.Generator] = None,
-           retain_history: bool = False) -> SampleResult:
+           retain_history: bool = False, row_indexed: bool = False) -> SampleResult:
     """Fill every ``mask_index`` position of ``z`` (B, L); other tokens are kept.
 
     The loop every sampler shares: the network (through the per-row cache), the
@@ -493,6 +493,9 @@ def sample(denoiser: Denoiser, z: torch.Tensor, config: SamplerConfig,
     ddpm, ddpm_cache, analytic and remdm with eta = 0 consume the same stream. A
     rule that ``reuses_outputs`` calls the network only for the rows that changed
     since their last call (per row, so its saving does not shrink with the batch).
+    ``row_indexed``: the denoiser also takes the batch rows (1-D index) of each call,
+    ``denoiser(z_rows, sigma, positions, rows)``, for per-row state (block diffusion's
+    key/value cache).
     """
     config.validate()
     if z.dim() != 2:
@@ -514,7 +517,8 @@ def sample(denoiser: Denoiser, z: torch.Tensor, config: SamplerConfig,
             nonlocal calls, row_calls
             calls, row_calls = calls + 1, row_calls + rows.numel()
             sigma = schedule.sigma(t).float().to(device).expand(rows.numel())
-            logits = denoiser(z[rows], sigma, masked[rows])
+            extra = (rows,) if row_indexed else ()
+            logits = denoiser(z[rows], sigma, masked[rows], *extra)
             return logits, denoise_probs(logits, mask_index, config.temperature, config.top_p)
         return cache.lookup(masked, compute)
 
