@@ -205,7 +205,7 @@ class Uncached:
         self.done = self.done[index]
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddpm_cache"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddpm_cache", "first_hitting", "remdm", "confidence"])
 def test_cached_sampling_equals_uncached(sampler):
     net = random_dit(6)
     z = torch.full((4, 16), MASK)
@@ -221,6 +221,8 @@ def test_cached_sampling_equals_uncached(sampler):
     assert torch.equal(a.tokens[0, :6], z[0, :6]) and torch.equal(a.tokens[1, :2], z[1, :2])
     assert cached.commits == reference.commits == 3        # once per committed block
     assert cached.cache.length == 12 and cached.cache.position == 12
+    if sampler == "first_hitting":       # one row evaluation per masked token, + commits
+        assert a.row_calls == int((z == MASK).sum()) + 3 * 4     # 3 commits of 4 rows
 
 
 def test_beyond_the_window_the_cache_slides():
