@@ -35,8 +35,6 @@ def test_sampling_report_only_reproduces_the_committed_results(tmp_path):
 def test_cache_rows_compare_scores_and_the_new_tables_render():
     ss = _script("sampling_speed")
     res = json.loads((RESULTS / "sampling" / "results.json").read_text())
-    old = ss.markdown_report(res)
-    assert "identical scores" not in old and "## 3." not in old
     stats = {"row_calls": 10, "wall_s": 2.0, "cpu_s": 2.0, "other_load": 0.0}
     tokens, scores = torch.ones(2, 4, dtype=torch.long), torch.zeros(2, 4)
     moved = scores.clone()
