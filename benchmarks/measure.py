@@ -5,6 +5,7 @@ a logged fairseq subprocess."""
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from typing import Callable, Dict, List, Optional
@@ -156,3 +157,16 @@ def run_logged(cmd: List[str], log_file: str, env: Dict[str, str], cwd: str, tim
     return {"lines": lines, "returncode": proc.returncode, "usage": usage,
             "wall_s": time.monotonic() - start, "timed_out": timed_out,
             "tree_rss_peak_mib": sampler.rss_peak_mib or None, "smi_peak_mib": sampler.smi_peak_mib}
+
+
+def binarized_data(path: str, repo: str) -> str:
+    """``path`` (relative to ``repo`` unless absolute), checked to be fairseq-preprocess
+    output; otherwise exit with one line saying how to make it."""
+    data_dir = os.path.join(repo, path)
+    missing = [f for f in ("dict.txt", "train.bin", "train.idx")
+               if not os.path.isfile(os.path.join(data_dir, f))]
+    if missing:
+        sys.exit(f"error: {data_dir} is not a binarized data directory (missing "
+                 f"{', '.join(missing)}).\nMake the PTB one with:  bash examples/ptb/prepare.sh"
+                 f"\nor pass another `fairseq-preprocess --only-source` output directory.")
+    return data_dir

@@ -632,9 +632,7 @@ def main(argv=None):
     out_dir = reporting.in_repo(args.output_dir)
     if args.report_only:
         return write_outputs(reporting.read_json(os.path.join(out_dir, "results.json")), out_dir)
-    data_dir = reporting.in_repo(args.data)
-    if not os.path.isfile(os.path.join(data_dir, "dict.txt")):
-        sys.exit(f"error: {data_dir} has no dict.txt (make it with bash examples/ptb/prepare.sh)")
+    data_dir = measure.binarized_data(args.data, reporting.REPO)
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.perf_counter()
     h = header(args, data_dir, argv)

@@ -80,15 +80,6 @@ def parse_args(argv=None):
     return args
 
 
-def check_data(data_dir: str) -> None:
-    missing = [f for f in ("dict.txt", "train.bin", "train.idx")
-               if not os.path.isfile(os.path.join(data_dir, f))]
-    if missing:
-        sys.exit(f"error: {data_dir} is not a binarized data directory (missing "
-                 f"{', '.join(missing)}).\nMake the PTB one with:  bash examples/ptb/prepare.sh"
-                 f"\nor pass another `fairseq-preprocess --only-source` output directory.")
-
-
 def pick_device(choice: str) -> str:
     import torch
     has_cuda = torch.cuda.is_available()
@@ -433,8 +424,7 @@ def main(argv=None):
     out_dir = reporting.in_repo(args.output_dir)
     if args.report_only:
         return write_outputs(reporting.read_json(os.path.join(out_dir, "results.json")), out_dir)
-    data_dir = reporting.in_repo(args.data)
-    check_data(data_dir)
+    data_dir = measure.binarized_data(args.data, reporting.REPO)
     device = pick_device(args.device)
     log_dir = os.path.join(out_dir, "logs")
     os.makedirs(log_dir, exist_ok=True)
