@@ -155,6 +155,7 @@ def test_compare_script_end_to_end(ptb_tiny, tmp_path):
     for png in ("valid_ppl.png", "gen_ppl.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     check_reuse_and_zero_shot(cmd, res, tmp_path / "out2", ptb_tiny)
+    check_reuse_across_machines(cmd, res, out / "results.json", tmp_path)
 
 
 def check_reuse_and_zero_shot(cmd, res, out2, data):
@@ -172,6 +173,36 @@ def check_reuse_and_zero_shot(cmd, res, out2, data):
     assert run["zero_shot"]["tokens"] == res["test_split_tokens"] and run["zero_shot"]["bound"]
     assert run["test"]["ppl"] == res["runs"]["mdlm"][1]["test"]["ppl"]
     check_cells((out2 / "results.md").read_text())
+
+
+def check_reuse_across_machines(cmd, res, old_json, tmp_path):
+    """--reuse on a machine without the runs: seeds 1-2 of MDLM come from the earlier
+    results.json (cells, samples and their scores unchanged), seed 3 is trained, and the
+    AR judge is trained again from the same recipe and gives the same perplexity."""
+    out3 = tmp_path / "out3"
+    again = cmd[:cmd.index("--models")] + [
+        "--models", "mdlm,mdlm_ar", "--seeds", "1", "2", "3", "--seeds-for", "mdlm_ar=1",
+        "--samplers", "ddpm_cache", "--reuse", str(old_json),
+        "--work-dir", str(tmp_path / "work3"), "--out", str(out3)]
+    proc = subprocess.run(again, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    new = json.loads((out3 / "results.json").read_text())
+    mdlm = new["runs"]["mdlm"]
+    assert ["reused_from" in r for r in mdlm] == [True, True, False]
+    assert [r["test"]["ppl"] for r in mdlm[:2]] == [r["test"]["ppl"] for r in res["runs"]["mdlm"]]
+    assert os.path.isfile(mdlm[2]["training"]["checkpoint"])
+    judge, old_judge = new["runs"]["mdlm_ar"][0], res["runs"]["mdlm_ar"][0]
+    assert "reused_from" not in judge and os.path.isfile(judge["training"]["checkpoint"])
+    assert judge["test"]["ppl"] == pytest.approx(old_judge["test"]["ppl"], rel=1e-6)
+    rows = {(r["source"], r["sampler"], r["steps"]): r for r in new["generation"]["rows"]}
+    old_rows = {(r["source"], r["sampler"], r["steps"]): r for r in res["generation"]["rows"]}
+    for steps in (2, 4):
+        by_seed = rows[("mdlm", "ddpm_cache", steps)]["by_seed"]
+        assert [x["seed"] for x in by_seed] == [1, 2, 3]
+        assert by_seed[:2] == old_rows[("mdlm", "ddpm_cache", steps)]["by_seed"]
+    md = (out3 / "results.md").read_text()
+    assert "Taken from earlier comparisons" in md and "mdlm seed 1, mdlm seed 2." in md
+    check_cells(md)
 
 
 def check_samples(rows, two_seeds):

@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, nargs="+", default=[16, 64, 256, 1000])
     e.add_argument("--samplers", nargs="+", default=["ddpm_cache"], choices=SAMPLERS)
     e.add_argument("--sample-batch", type=int, default=16)
+    p.add_argument("--reuse", nargs="*", default=[], metavar="RESULTS_JSON",
+                   help="earlier comparisons' results.json: a run whose checkpoint is gone is "
+                   "taken from there (training, evaluation, samples) when its recipe is the "
+                   "same, so seeds and rows add up across machines; the AR judges (first "
+                   "seeds) are always trained")
     p.add_argument("--report-only", action="store_true", help="re-render from results.json")
     return p
 
@@ -195,10 +200,30 @@ def train_command(model: str, args, save_dir: str, seed: int = 1) -> List[str]:
         after_size=v.flags, overrides=shlex.split(args.extra_train_args))
 
 
-def without_log_format(cmd: List[str]) -> List[str]:
-    """A command without its --log-format value: runs that differ only there trained the
-    same model (runs finished before compare.py read JSON logs are reused as they are)."""
-    return [t for i, t in enumerate(cmd) if not (i and cmd[i - 1] == "--log-format")]
+def recipe(cmd: List[str]) -> List[str]:
+    """A training command without where it logs, saves and finds the plugin: runs that
+    differ only there trained the same model."""
+    where = {"--log-format", "--save-dir", "--user-dir"}
+    return [str(t) for i, t in enumerate(cmd) if t not in where and not (i and cmd[i - 1] in where)]
+
+
+def reusable(model: str, seed: int, args) -> Optional[Dict]:
+    """This run as an earlier comparison (--reuse) recorded it, with its sample scores
+    (``rows``), when its checkpoint is not here and its recipe is the same."""
+    save_dir = run_dir(model, seed, args)
+    if os.path.isfile(os.path.join(save_dir, "checkpoint_last.pt")) or (
+            evaluator(model) == "eval_lm" and seed == seeds_of(model, args)[0]):
+        return None                      # a judge of the samples: its checkpoint is needed
+    want = recipe(train_command(model, args, save_dir, seed))
+    for path in args.reuse:
+        old = reporting.read_json(path)
+        for run in old["runs"].get(model, []):
+            if run["training"]["seed"] == seed and recipe(run["training"]["command"]) == want:
+                rows = [({**r, "by_seed": []}, x) for r in old["generation"]["rows"]
+                        if r["source"] == model for x in r["by_seed"] if x["seed"] == seed]
+                print(f"{model} seed {seed}: taken from {path}", flush=True)
+                return {**run, "reused_from": path, "rows": rows}
+    return None
 
 
 def read_train_log(text: str) -> Dict[str, object]:
@@ -227,7 +252,7 @@ def train(model: str, seed: int, args) -> Dict[str, object]:
     if os.path.isfile(done_file):
         with open(done_file) as f:
             done = json.load(f)
-        if without_log_format(done.get("command") or []) == without_log_format(cmd):
+        if recipe(done.get("command") or []) == recipe(cmd):
             print(f"{model} seed {seed}: trained already ({done_file})", flush=True)
             done.setdefault("wall_min", None if done["resumed"] else done["wall_s"] / 60)
             return {**done, "seed": seed}       # records from before seeds lack both
@@ -363,8 +388,12 @@ def evaluate_all(res: Dict, args) -> None:
                                      "by_seed": [score(blocks, judges)], "example": None}
     for m in args.models:
         for r in res["runs"][m]:
-            print(f"evaluating {m} seed {r['training']['seed']}", flush=True)
-            r.update(evaluate_run(m, r["training"], judges, refs, args))
+            for row, entry in r.pop("rows", ()):           # taken from --reuse
+                refs["rows"].setdefault(f"{m} {row['sampler']} {row['steps']}",
+                                        row)["by_seed"].append(entry)
+            if "reused_from" not in r:
+                print(f"evaluating {m} seed {r['training']['seed']}", flush=True)
+                r.update(evaluate_run(m, r["training"], judges, refs, args))
     res["test_split_tokens"] = int(refs["stream"].numel())
     res["generation"] = {"rows": list(refs["rows"].values()), "judges": list(judges)}
 
@@ -411,7 +440,14 @@ def header_section(res: Dict, args) -> List[str]:
             f"{args.dropout}, Adam lr {args.lr}, inverse-sqrt warm-up {args.warmup_updates}; "
             "evaluated on the last checkpoint. Seeds: " + " ".join(map(str, args.seeds))
             + " (`*`: fewer seeds). Cells: mean ± sd over seeds; ratios are paired by seed.",
-            ""]
+            ""] + reused_line(res)
+
+
+def reused_line(res: Dict) -> List[str]:
+    reused = [f"{m} seed {r['training']['seed']}" for m in res["models"] for r in res["runs"][m]
+              if "reused_from" in r]
+    return [f"Taken from earlier comparisons (`--reuse`, same recipe; `reused_from` in "
+            f"results.json): {', '.join(reused)}.", ""] if reused else []
 
 
 def test_section(res: Dict, args) -> List[str]:
@@ -590,7 +626,8 @@ def main(argv=None):
     os.makedirs(args.work_dir, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)
     prepare_data(args)
-    runs = {m: [{"training": train(m, s, args)} for s in seeds_of(m, args)] for m in args.models}
+    runs = {m: [reusable(m, s, args) or {"training": train(m, s, args)} for s in seeds_of(m, args)]
+            for m in args.models}
     res = {"corpus": args.corpus, "command": command,
            "machine": reporting.machine_line(reporting.machine(device(), args.threads or None)),
            "date": datetime.date.today().isoformat(), "git": reporting.git_revision(),
