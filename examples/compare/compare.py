@@ -74,10 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--samplers", nargs="+", default=["ddpm_cache"], choices=SAMPLERS)
     e.add_argument("--sample-batch", type=int, default=16)
     p.add_argument("--reuse", nargs="*", default=[], metavar="RESULTS_JSON",
-                   help="earlier comparisons' results.json: a run whose checkpoint is gone is "
-                   "taken from there (training, evaluation, samples) when its recipe is the "
-                   "same, so seeds and rows add up across machines; the AR judges (first "
-                   "seeds) are always trained")
+                   help="earlier comparisons' results.json: a run recorded there with the "
+                   "same recipe is taken as it is (training, evaluation, samples), so seeds "
+                   "and rows add up across sessions and machines; the AR judges (first "
+                   "seeds) are always trained or reused from --work-dir, and evaluated")
     p.add_argument("--report-only", action="store_true", help="re-render from results.json")
     return p
 
@@ -209,10 +209,9 @@ def recipe(cmd: List[str]) -> List[str]:
 
 def reusable(model: str, seed: int, args) -> Optional[Dict]:
     """This run as an earlier comparison (--reuse) recorded it, with its sample scores
-    (``rows``), when its checkpoint is not here and its recipe is the same."""
+    (``rows``), when its recipe is the same: neither trained nor evaluated again."""
     save_dir = run_dir(model, seed, args)
-    if os.path.isfile(os.path.join(save_dir, "checkpoint_last.pt")) or (
-            evaluator(model) == "eval_lm" and seed == seeds_of(model, args)[0]):
+    if evaluator(model) == "eval_lm" and seed == seeds_of(model, args)[0]:
         return None                      # a judge of the samples: its checkpoint is needed
     want = recipe(train_command(model, args, save_dir, seed))
     for path in args.reuse:
