@@ -202,6 +202,7 @@ def check_reuse_across_machines(cmd, res, old_json, tmp_path):
         assert by_seed[:2] == old_rows[("mdlm", "ddpm_cache", steps)]["by_seed"]
     md = (out3 / "results.md").read_text()
     assert "Taken from earlier comparisons" in md and "mdlm seed 1, mdlm seed 2." in md
+    assert f"mdlm_ar seed 1 {judge['test']['ppl']:.2f} (recorded {old_judge['test']['ppl']:.2f})" in md
     check_cells(md)
 
 

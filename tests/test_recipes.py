@@ -3,8 +3,8 @@
 tests/recorded_commands.json holds the command lines of the comparison and of the
 benchmarks byte for byte as the code before the recipe refactor (issue 9) wrote them
 (its compare_eval entries are the commands recorded by the committed
-examples/compare/results/ptb/results.json). The refactored scripts must give the same
-bytes, so the refactor changes no measurement, except for these deliberate changes:
+examples/compare/results/ptb_samplers/results.json). The refactored scripts must give the
+same bytes, so the refactor changes no measurement, except for these deliberate changes:
 
 - compare.py reads fairseq's JSON logs: ``--log-format json`` instead of ``simple`` for
   fairseq-train, and ``--log-format json`` appended to fairseq-validate (the log format

@@ -209,20 +209,27 @@ def recipe(cmd: List[str]) -> List[str]:
 
 def reusable(model: str, seed: int, args) -> Optional[Dict]:
     """This run as an earlier comparison (--reuse) recorded it, with its sample scores
-    (``rows``), when its recipe is the same: neither trained nor evaluated again."""
+    (``rows``), when its recipe is the same: neither trained nor evaluated again. An AR
+    judge of the samples (a first seed) is not taken: its checkpoint is needed."""
     save_dir = run_dir(model, seed, args)
-    if evaluator(model) == "eval_lm" and seed == seeds_of(model, args)[0]:
-        return None                      # a judge of the samples: its checkpoint is needed
     want = recipe(train_command(model, args, save_dir, seed))
     for path in args.reuse:
         old = reporting.read_json(path)
         for run in old["runs"].get(model, []):
-            if run["training"]["seed"] == seed and recipe(run["training"]["command"]) == want:
-                rows = [({**r, "by_seed": []}, x) for r in old["generation"]["rows"]
-                        if r["source"] == model for x in r["by_seed"] if x["seed"] == seed]
-                print(f"{model} seed {seed}: taken from {path}", flush=True)
-                return {**run, "reused_from": path, "rows": rows}
-    return None
+            if run["training"]["seed"] != seed or recipe(run["training"]["command"]) != want:
+                continue
+            if evaluator(model) == "eval_lm" and seed == seeds_of(model, args)[0]:
+                return {"judge_recorded": {"path": path, "ppl": run["test"]["ppl"]}}
+            rows = [({**r, "by_seed": []}, x) for r in old["generation"]["rows"]
+                    if r["source"] == model for x in r["by_seed"] if x["seed"] == seed]
+            print(f"{model} seed {seed}: taken from {path}", flush=True)
+            return {**run, "reused_from": path, "rows": rows}
+    return {}
+
+
+def take_or_train(model: str, seed: int, args) -> Dict:
+    run = reusable(model, seed, args)
+    return run if "reused_from" in run else {**run, "training": train(model, seed, args)}
 
 
 def read_train_log(text: str) -> Dict[str, object]:
@@ -445,8 +452,12 @@ def header_section(res: Dict, args) -> List[str]:
 def reused_line(res: Dict) -> List[str]:
     reused = [f"{m} seed {r['training']['seed']}" for m in res["models"] for r in res["runs"][m]
               if "reused_from" in r]
+    judges = [f"{m} seed {r['training']['seed']} {r['test']['ppl']:.2f} (recorded "
+              f"{r['judge_recorded']['ppl']:.2f})" for m in res["models"] for r in res["runs"][m]
+              if "judge_recorded" in r]
     return [f"Taken from earlier comparisons (`--reuse`, same recipe; `reused_from` in "
-            f"results.json): {', '.join(reused)}.", ""] if reused else []
+            f"results.json): {', '.join(reused)}. The AR judges, trained here again, "
+            f"score the test set: {', '.join(judges) or '-'}.", ""] if reused else []
 
 
 def test_section(res: Dict, args) -> List[str]:
@@ -625,8 +636,7 @@ def main(argv=None):
     os.makedirs(args.work_dir, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)
     prepare_data(args)
-    runs = {m: [reusable(m, s, args) or {"training": train(m, s, args)} for s in seeds_of(m, args)]
-            for m in args.models}
+    runs = {m: [take_or_train(m, s, args) for s in seeds_of(m, args)] for m in args.models}
     res = {"corpus": args.corpus, "command": command,
            "machine": reporting.machine_line(reporting.machine(device(), args.threads or None)),
            "date": datetime.date.today().isoformat(), "git": reporting.git_revision(),
