@@ -100,6 +100,11 @@ def invocation(script: str, argv: Optional[Sequence[str]] = None) -> str:
     return shlex.join([sys.executable] + (sys.argv if argv is None else [script, *argv]))
 
 
+def load_average():
+    """The 1-, 5- and 15-minute load averages, to two decimals."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -119,7 +124,7 @@ def machine(device: str = "cpu", threads: Optional[int] = None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(), "platform": platform.platform(), "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(), "cpu_cores_usable": usable_cores(),
-        "torch_threads": threads, "load_average": [round(x, 2) for x in os.getloadavg()],
+        "torch_threads": threads, "load_average": load_average(),
         "device": device, "gpu": gpu, "python": platform.python_version(),
         "torch": torch_version, "fairseq": dist_version("fairseq-fixed", "fairseq"),
         "mdlm_plugin": dist_version("mdlm_plugin", "mdlm-plugin"), "git": git_revision(),
