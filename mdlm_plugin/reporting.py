@@ -46,6 +46,19 @@ def md_table(head: Sequence, rows: Sequence[Sequence], align: str = "") -> str:
     return "\n".join(lines)
 
 
+def column_table(columns: Sequence, rows: Sequence, align: str = "") -> str:
+    """A Markdown table of ``rows`` with the ``(head, cell)`` ``columns``, ``cell(row)``
+    giving a row's text; a column that raises KeyError for some row is left out (results
+    written before it existed render without it)."""
+    keep = []
+    for head, cell in columns:
+        try:
+            keep.append((head, [cell(r) for r in rows]))
+        except KeyError:
+            continue
+    return md_table([h for h, _ in keep], list(zip(*[cells for _, cells in keep])), align)
+
+
 def in_repo(path: str) -> str:
     """A path relative to the repository root (absolute paths unchanged)."""
     return os.path.join(REPO, path)
@@ -152,6 +165,20 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def bars(ax, names: Sequence[str], heights: Sequence[float],
+         runs: Sequence[Sequence[float]] = (), ylabel: str = ""):
+    """One bar per model in its colour over its name, and each run's value as a black dot
+    on its model's bar ("individual runs" in the legend). Returns the bars."""
+    drawn = ax.bar(range(len(names)), heights, color=[COLOURS[n] for n in names], width=0.6)
+    for x, ys in enumerate(runs):
+        ax.scatter([x] * len(ys), ys, color="black", s=14, zorder=3,
+                   label="individual runs" if x == 0 else None)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names)
+    ax.set_ylabel(ylabel)
+    return drawn
 
 
 def save_figure(fig, path: str, title: Optional[str] = None) -> None:
