@@ -39,7 +39,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]
 import measure  # noqa: E402
 from mdlm_plugin import recipes, reporting  # noqa: E402
-from mdlm_plugin.reporting import COLOURS  # noqa: E402
 
 # peak dense bf16 tensor-core FLOP/s (NVIDIA data sheets, without sparsity)
 PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200", 989.4e12),
@@ -158,8 +157,7 @@ def parse_run(model, text, args, wall, cmd):
 
 # ---------------------------------------------------------------------------- FLOPs
 
-def flops_per_token(args, vocab_out, mdlm_ffn=None, head_fraction=1.0):
-    ffn = mdlm_ffn if mdlm_ffn is not None else args.ffn
+def flops_per_token(args, vocab_out, ffn, head_fraction=1.0):
     body = args.layers * (4 * args.dim ** 2 + 2 * args.dim * ffn)
     head = args.dim * vocab_out
     attention = 12 * args.layers * args.seq_len * args.dim
@@ -194,9 +192,9 @@ def summarize(runs, args, peak):
         tps = statistics.median(r["tokens_per_s"] for r in mine)
         vocab_out = mine[0]["dictionary"] or args.vocab
         ffn = 4 * args.dim if model == "mdlm" else args.ffn
-        f = flops_per_token(args, vocab_out, mdlm_ffn=ffn)
+        f = flops_per_token(args, vocab_out, ffn)
         frac = mine[0]["mask_frac"] if model == "mdlm" else 1.0
-        f_exec = flops_per_token(args, vocab_out, mdlm_ffn=ffn, head_fraction=frac or 1.0)
+        f_exec = flops_per_token(args, vocab_out, ffn, head_fraction=frac or 1.0)
         out[model] = {
             "tokens_per_s": tps, "runs": [r["tokens_per_s"] for r in mine],
             "params": mine[0]["params"], "vocab_out": vocab_out, "ffn": ffn,
@@ -236,19 +234,15 @@ def markdown(header, summary, args, runs):
 
 def plot(summary, path, title):
     names = list(summary)
-    colours = [COLOURS[n] for n in names]
     fig, axes = reporting.pyplot().subplots(1, 2, figsize=(9, 3.6))
-    axes[0].bar(names, [summary[n]["tokens_per_s"] for n in names], color=colours)
-    for i, n in enumerate(names):
-        axes[0].scatter([i] * len(summary[n]["runs"]), summary[n]["runs"], color="k", s=12)
-    axes[0].set_ylabel("training tokens/s")
+    reporting.bars(axes[0], names, [summary[n]["tokens_per_s"] for n in names],
+                   [summary[n]["runs"] for n in names], "training tokens/s")
     if all(summary[n]["mfu"] is not None for n in names):
-        axes[1].bar(names, [100 * summary[n]["mfu"] for n in names], color=colours)
+        reporting.bars(axes[1], names, [100 * summary[n]["mfu"] for n in names], ylabel="MFU (%)")
         axes[1].axhline(40, color="gray", ls="--", lw=1)
-        axes[1].set_ylabel("MFU (%)")
     else:
-        axes[1].bar(names, [summary[n]["achieved_tflops"] for n in names], color=colours)
-        axes[1].set_ylabel("achieved TFLOP/s (no peak known)")
+        reporting.bars(axes[1], names, [summary[n]["achieved_tflops"] for n in names],
+                       ylabel="achieved TFLOP/s (no peak known)")
     reporting.save_figure(fig, path, title)
 
 

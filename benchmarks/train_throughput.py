@@ -20,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]
 import measure  # noqa: E402
 from mdlm_plugin import recipes, reporting  # noqa: E402
-from mdlm_plugin.reporting import COLOURS, fmt, pct  # noqa: E402
+from mdlm_plugin.reporting import fmt, pct  # noqa: E402
 
 MDLM = "mdlm_tiny"
 BASELINE = "transformer_lm"
@@ -213,7 +213,7 @@ def run_once(model: str, repeat: int, args, data_dir: str, device: str, log_dir:
     run.peak_rss_mib = out["usage"].ru_maxrss / 1024            # Linux: KiB
     if run.rss_at_train_start_mib is not None:
         run.rss_train_increase_mib = run.peak_rss_mib - run.rss_at_train_start_mib
-    if "total_gib" in gpu and "gb_free_min" in gpu:
+    if gpu.get("total_gib") and "gb_free_min" in gpu:
         run.gpu_peak_allocated_gib = gpu["total_gib"] - gpu["gb_free_min"]
     throughput(run, args)
     run.arch_check = check_architecture(model, run.config, "".join(out["lines"]), args)
@@ -326,20 +326,13 @@ def plot(res: Dict, path: str) -> None:
     fig, axes = reporting.pyplot().subplots(1, 2, figsize=(10, 4.2))
     for ax, (key, label) in zip(axes, panels):
         heights = [rows[key][column[m]] or 0.0 for m in models]
-        bars = ax.bar(range(len(models)), heights, color=[COLOURS[m] for m in models], width=0.6)
-        top = max(heights)
-        for x, model in enumerate(models):
-            ys = [r[key] for r in runs if r["model"] == model and r.get(key) is not None]
-            top = max([top] + ys)
-            ax.scatter([x] * len(ys), ys, color="black", s=14, zorder=3,
-                       label="individual runs" if x == 0 else None)
-        for bar, hgt in zip(bars, heights):
+        values = [[r[key] for r in runs if r["model"] == m and r.get(key) is not None]
+                  for m in models]
+        for bar, hgt in zip(reporting.bars(ax, models, heights, values, label), heights):
             ax.annotate(f"{hgt:,.0f}" if hgt >= 10 else f"{hgt:.2f}",
                         (bar.get_x() + bar.get_width() / 2, hgt), ha="center", va="bottom",
                         fontsize=9, xytext=(0, 2), textcoords="offset points")
-        ax.set_xticks(range(len(models)))
-        ax.set_xticklabels(models)
-        ax.set(ylabel=label, ylim=(0, max(top, 1e-9) * 1.18))
+        ax.set_ylim(0, max([1e-9, *heights, *sum(values, [])]) * 1.18)
         ax.set_title(f"{label}\nMDLM / transformer_lm = {fmt(rows[key]['ratio'], '.3f')}",
                      fontsize=10)
         ax.legend(loc="lower right", fontsize=8)
