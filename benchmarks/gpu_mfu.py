@@ -5,10 +5,8 @@
     python benchmarks/gpu_mfu.py                 # on one H100/H200: about 4-6 minutes
     python benchmarks/gpu_mfu.py --smoke         # tiny sizes on CPU: checks the pipeline
 """
-import argparse
 import json
 import os
-import re
 import shlex
 import statistics
 import subprocess
@@ -41,15 +39,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]
 import measure  # noqa: E402
 from mdlm_plugin import recipes, reporting  # noqa: E402
-from mdlm_plugin.reporting import COLOURS  # noqa: E402
 
 # peak dense bf16 tensor-core FLOP/s (NVIDIA data sheets, without sparsity)
 PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200", 989.4e12),
              ("H100", 989.4e12), ("A100", 312e12)]
-
-
-# flag -> (type, default, help)
-FLAGS = {"--data": (str, None, "binarized data (default: a random corpus, built once)"),
+FLAGS = {"--smoke": (bool, False, "tiny models and data on CPU"),
+         "--data": (str, None, "binarized data (default: a random corpus, built once)"),
          "--vocab": (int, 50257, "random corpus: vocabulary"),
          "--corpus-tokens": (int, 2_000_000, "random corpus: training tokens"),
          "--seq-len": (int, 1024, None), "--batch-size": (int, 32, "sequences per update"),
@@ -69,11 +64,8 @@ SMOKE = dict(vocab=500, corpus_tokens=60_000, seq_len=64, batch_size=4, layers=2
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="tiny models and data on CPU")
+    p = measure.parser(__doc__, FLAGS)
     p.add_argument("--precision", choices=["bf16", "fp16", "amp"], default="bf16")
-    for flag, (kind, default, text) in FLAGS.items():
-        p.add_argument(flag, type=kind, default=default, help=text)
     args = p.parse_args(argv)
     for k, v in SMOKE.items() if args.smoke else ():
         if getattr(args, k) == p.get_default(k):
@@ -104,7 +96,7 @@ def random_corpus(args) -> str:
         ids = rng.integers(0, args.vocab, size=(max(1, n // 100), 100))
         with open(os.path.join(raw, f"{split}.txt"), "w") as f:
             f.writelines(" ".join(words[row]) + "\n" for row in ids)
-    workers = max(1, min(8, len(os.sched_getaffinity(0))))
+    workers = max(1, min(8, reporting.usable_cores()))
     cmd = [sys.executable, "-m", "fairseq_cli.preprocess", "--only-source",
            "--trainpref", os.path.join(raw, "train.txt"),
            "--validpref", os.path.join(raw, "valid.txt"),
@@ -141,12 +133,8 @@ def train_command(model, args, data, device):
 def run_once(model, rep, args, data, device, log_dir):
     cmd, log = train_command(model, args, data, device), f"{log_dir}/{model}_run{rep}.log"
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
-    out = measure.run_logged(cmd, log, env, REPO, args.run_timeout)
-    text = "".join(out["lines"])
-    if out["returncode"] != 0:
-        why = f"timeout after {args.run_timeout} s" if out["timed_out"] else out["returncode"]
-        sys.exit(f"{model} run {rep} failed ({why}); log: {log}\n{text[-3000:]}")
-    return parse_run(model, text, args, out["wall_s"], cmd)
+    out = measure.run_logged(cmd, log, env, REPO, args.run_timeout, what=f"{model} run {rep}")
+    return parse_run(model, "".join(out["lines"]), args, out["wall_s"], cmd)
 
 
 def parse_run(model, text, args, wall, cmd):
@@ -155,13 +143,12 @@ def parse_run(model, text, args, wall, cmd):
     if not measured:
         sys.exit(f"{model}: no train_inner records after the warm-up updates")
     wps = [r["wps"] for r in measured]
-    d = re.search(r"dictionary: (\d+) types", text)     # the task's start-up line
     gb_free = [r["gb_free"] for r in inner if "gb_free" in r]
     mask = [r["mask_frac"] for r in measured if "mask_frac" in r]
     return {
         "model": model, "command": cmd, "wall_s": round(wall, 1),
         "wps_intervals": wps, "tokens_per_s": statistics.median(wps),
-        "params": recipes.logged_params(text), "dictionary": int(d.group(1)) if d else None,
+        "params": recipes.logged_params(text), "dictionary": recipes.logged_dictionary_size(text),
         "mask_frac": statistics.mean(mask) if mask else None,
         "min_gb_free": min(gb_free) if gb_free else None,
         "losses": [r["loss"] for r in inner],
@@ -170,8 +157,7 @@ def parse_run(model, text, args, wall, cmd):
 
 # ---------------------------------------------------------------------------- FLOPs
 
-def flops_per_token(args, vocab_out, mdlm_ffn=None, head_fraction=1.0):
-    ffn = mdlm_ffn if mdlm_ffn is not None else args.ffn
+def flops_per_token(args, vocab_out, ffn, head_fraction=1.0):
     body = args.layers * (4 * args.dim ** 2 + 2 * args.dim * ffn)
     head = args.dim * vocab_out
     attention = 12 * args.layers * args.seq_len * args.dim
@@ -206,9 +192,9 @@ def summarize(runs, args, peak):
         tps = statistics.median(r["tokens_per_s"] for r in mine)
         vocab_out = mine[0]["dictionary"] or args.vocab
         ffn = 4 * args.dim if model == "mdlm" else args.ffn
-        f = flops_per_token(args, vocab_out, mdlm_ffn=ffn)
+        f = flops_per_token(args, vocab_out, ffn)
         frac = mine[0]["mask_frac"] if model == "mdlm" else 1.0
-        f_exec = flops_per_token(args, vocab_out, mdlm_ffn=ffn, head_fraction=frac or 1.0)
+        f_exec = flops_per_token(args, vocab_out, ffn, head_fraction=frac or 1.0)
         out[model] = {
             "tokens_per_s": tps, "runs": [r["tokens_per_s"] for r in mine],
             "params": mine[0]["params"], "vocab_out": vocab_out, "ffn": ffn,
@@ -248,19 +234,15 @@ def markdown(header, summary, args, runs):
 
 def plot(summary, path, title):
     names = list(summary)
-    colours = [COLOURS[n] for n in names]
     fig, axes = reporting.pyplot().subplots(1, 2, figsize=(9, 3.6))
-    axes[0].bar(names, [summary[n]["tokens_per_s"] for n in names], color=colours)
-    for i, n in enumerate(names):
-        axes[0].scatter([i] * len(summary[n]["runs"]), summary[n]["runs"], color="k", s=12)
-    axes[0].set_ylabel("training tokens/s")
+    reporting.bars(axes[0], names, [summary[n]["tokens_per_s"] for n in names],
+                   [summary[n]["runs"] for n in names], "training tokens/s")
     if all(summary[n]["mfu"] is not None for n in names):
-        axes[1].bar(names, [100 * summary[n]["mfu"] for n in names], color=colours)
+        reporting.bars(axes[1], names, [100 * summary[n]["mfu"] for n in names], ylabel="MFU (%)")
         axes[1].axhline(40, color="gray", ls="--", lw=1)
-        axes[1].set_ylabel("MFU (%)")
     else:
-        axes[1].bar(names, [summary[n]["achieved_tflops"] for n in names], color=colours)
-        axes[1].set_ylabel("achieved TFLOP/s (no peak known)")
+        reporting.bars(axes[1], names, [summary[n]["achieved_tflops"] for n in names],
+                       ylabel="achieved TFLOP/s (no peak known)")
     reporting.save_figure(fig, path, title)
 
 

@@ -1,7 +1,8 @@
-"""Process and machine measurements shared by the benchmarks, through psutil: CPU time of
-a process (and of the whole machine, to tell how much other jobs used), the resident
-memory of a process tree, a timer that gives both for a block of code, and a runner for
-a logged fairseq subprocess."""
+"""What the benchmarks share besides ``mdlm_plugin.recipes`` and ``reporting``: their
+command-line tables, measurements through psutil (CPU time of a process and of the whole
+machine, to tell how much other jobs used; resident memory of a process tree), a timer for
+a block of code, and a runner for a logged fairseq subprocess."""
+import argparse
 import os
 import shutil
 import subprocess
@@ -12,6 +13,31 @@ from typing import Callable, Dict, List, Optional
 
 import psutil
 
+
+def parser(doc: str, flags: Dict[str, tuple], data: Optional[tuple] = None):
+    """An argument parser described by the first paragraph of ``doc``: the optional
+    positional ``data`` ((default, help)), then one option per ``flag: (type, default,
+    help)``; a type in brackets (``[int]``) takes one or more values, ``bool`` is a switch."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if data:
+        p.add_argument("data", nargs="?", default=data[0], help=data[1])
+    for flag, (kind, default, text) in flags.items():
+        if kind is bool:
+            p.add_argument(flag, action="store_true", help=text)
+        else:
+            many = isinstance(kind, list)
+            p.add_argument(flag, type=kind[0] if many else kind, nargs="+" if many else None,
+                           default=default, help=text)
+    return p
+
+
+def thread_env(threads: Optional[int]) -> Dict[str, str]:
+    """OMP_NUM_THREADS and MKL_NUM_THREADS for a child process (none for ``None``)."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
+
+
+# --------------------------------------------------------------------------- psutil
 
 def machine_cpu_seconds():
     """(busy, total) CPU seconds of the whole machine, summed over cores."""
@@ -27,29 +53,29 @@ def other_load(busy0: float, busy1: float, total0: float, total1: float, own_cpu
     return max(0.0, (busy1 - busy0) - own_cpu_s) / max(total1 - total0, 1e-9)
 
 
-def process_cpu_seconds(pid: int) -> Optional[float]:
-    """User + system CPU time of a live process."""
-    try:
-        t = psutil.Process(pid).cpu_times()
-        return t.user + t.system
-    except psutil.Error:
-        return None
+def _processes(pid: int, tree: bool) -> List[psutil.Process]:
+    p = psutil.Process(pid)
+    return [p] + (p.children(recursive=True) if tree else [])
 
 
 def rss_mib(pid: int, tree: bool = False) -> Optional[float]:
     """Resident memory of a process (with ``tree``: summed with its descendants)."""
     try:
-        p = psutil.Process(pid)
-        procs = [p] + (p.children(recursive=True) if tree else [])
-        return sum(q.memory_info().rss for q in procs) / 2 ** 20
+        return sum(q.memory_info().rss for q in _processes(pid, tree)) / 2 ** 20
     except psutil.Error:
         return None
 
 
 def snapshot(pid: int, num_updates: float) -> Dict[str, float]:
+    """CPU time of a live process (user + system) and of the machine, at an update count."""
     busy, total = machine_cpu_seconds()
-    return {"num_updates": num_updates, "wall": time.monotonic(),
-            "cpu": process_cpu_seconds(pid), "machine_busy": busy, "machine_total": total}
+    try:
+        t = psutil.Process(pid).cpu_times()
+        cpu = t.user + t.system
+    except psutil.Error:
+        cpu = None
+    return {"num_updates": num_updates, "wall": time.monotonic(), "cpu": cpu,
+            "machine_busy": busy, "machine_total": total}
 
 
 class TreeMemorySampler(threading.Thread):
@@ -67,17 +93,14 @@ class TreeMemorySampler(threading.Thread):
         while not self.stop.is_set():
             self.rss_peak_mib = max(self.rss_peak_mib, rss_mib(self.pid, tree=True) or 0.0)
             if self.smi_query:
-                used = self.smi_query(self.tree_pids())
+                try:
+                    pids = [p.pid for p in _processes(self.pid, tree=True)]
+                except psutil.Error:
+                    pids = [self.pid]
+                used = self.smi_query(pids)
                 if used:
                     self.smi_peak_mib = max(self.smi_peak_mib or 0.0, used)
             self.stop.wait(self.period)
-
-    def tree_pids(self) -> List[int]:
-        try:
-            p = psutil.Process(self.pid)
-            return [self.pid] + [c.pid for c in p.children(recursive=True)]
-        except psutil.Error:
-            return [self.pid]
 
 
 class Meter:
@@ -123,14 +146,16 @@ def smi_used_mib(pids) -> float:
     return sum(float(r[1]) for r in rows if len(r) == 2 and r[0].isdigit() and int(r[0]) in pids)
 
 
+# --------------------------------------------------------------------------- subprocesses
+
 def run_logged(cmd: List[str], log_file: str, env: Dict[str, str], cwd: str, timeout: float,
                on_line: Callable[[str, int], None] = lambda line, pid: None,
-               gpu: bool = False) -> Dict[str, object]:
+               gpu: bool = False, what: Optional[str] = None) -> Dict[str, object]:
     """Run ``cmd``, writing its output to ``log_file`` line by line and passing each line
     (and the pid) to ``on_line``. Returns its output, exit code, wall time, ``wait4``
-    resource usage (exact CPU time and peak RSS, children included), whether
-    ``timeout`` killed it, and the sampled peak RSS of its process tree (and of its GPU
-    memory with ``gpu``)."""
+    resource usage (exact CPU time and peak RSS, children included), whether ``timeout``
+    killed it, and the sampled peak RSS of its process tree (and GPU memory with ``gpu``).
+    With ``what`` (e.g. "mdlm_tiny run 2"), a failed run ends the benchmark."""
     start, lines, usage = time.monotonic(), [], None
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -154,8 +179,12 @@ def run_logged(cmd: List[str], log_file: str, env: Dict[str, str], cwd: str, tim
         if proc.returncode is None:
             proc.kill()
             proc.wait()
+    if what and proc.returncode != 0:
+        why = f"killed after {timeout:g} s" if timed_out else f"exit status {proc.returncode}"
+        sys.exit(f"error: {what} failed ({why}); full log {log_file}, last lines:\n"
+                 + "".join(lines[-30:]))
     return {"lines": lines, "returncode": proc.returncode, "usage": usage,
-            "wall_s": time.monotonic() - start, "timed_out": timed_out,
+            "cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": time.monotonic() - start,
             "tree_rss_peak_mib": sampler.rss_peak_mib or None, "smi_peak_mib": sampler.smi_peak_mib}
 
 

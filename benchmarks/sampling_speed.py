@@ -24,7 +24,7 @@ sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]
 import measure  # noqa: E402
 from mdlm_plugin import recipes, reporting  # noqa: E402
 from mdlm_plugin.generative_eval import batches  # noqa: E402
-from mdlm_plugin.reporting import COLOURS, md_table, pct  # noqa: E402
+from mdlm_plugin.reporting import COLOURS, column_table, md_table, pct  # noqa: E402
 
 TRAIN_DIR = "/tmp/mdlm_sampling_speed"
 SAMPLERS = ("ddpm", "ddpm_cache")
@@ -32,45 +32,41 @@ AR_MODELS = ("transformer_lm", "mdlm_ar_tiny")
 FAMILY = {"mdlm_tiny": "mdlm", "mdlm_ar_tiny": "mdlm_ar", "transformer_lm": "transformer_lm",
           "bd3_tiny": "mdlm"}
 CORES = reporting.usable_cores()
-# flag -> (type, nargs, default, help); benchmarks/README.md says what each changes
-FLAGS = {"--mdlm-ckpt": (str, None, "checkpoints/ptb_mdlm_tiny/checkpoint_best.pt", "mdlm_tiny"),
-         "--ar-ckpt": (str, None, f"{TRAIN_DIR}/mdlm_ar_tiny/checkpoint_last.pt", "mdlm_ar_tiny"),
-         "--transformer-lm-ckpt": (str, None, f"{TRAIN_DIR}/transformer_lm/checkpoint_last.pt",
+# see benchmarks/README.md for what each changes
+FLAGS = {"--mdlm-ckpt": (str, "checkpoints/ptb_mdlm_tiny/checkpoint_best.pt", "mdlm_tiny"),
+         "--ar-ckpt": (str, f"{TRAIN_DIR}/mdlm_ar_tiny/checkpoint_last.pt", "mdlm_ar_tiny"),
+         "--transformer-lm-ckpt": (str, f"{TRAIN_DIR}/transformer_lm/checkpoint_last.pt",
                                    "transformer_lm (4 x 256, 4 heads, FFN 1024)"),
-         "--train-dir": (str, None, TRAIN_DIR, "where missing checkpoints are trained"),
-         "--train-updates": (int, None, 200, "updates of a missing checkpoint"),
-         "--length": (int, None, 128, "tokens per sample L (the MDLM window)"),
-         "--samples": (int, None, 4, "unconditional samples per configuration"),
-         "--batch-size": (int, None, 0, "samples per generate call (0: all in one)"),
-         "--steps": (int, "+", [16, 32, 64, 128, 256, 1000], "MDLM steps vs AR"),
-         "--samplers": (str, "+", list(SAMPLERS), "MDLM samplers vs AR (issue 11: "
+         "--train-dir": (str, TRAIN_DIR, "where missing checkpoints are trained"),
+         "--train-updates": (int, 200, "updates of a missing checkpoint"),
+         "--length": (int, 128, "tokens per sample L (the MDLM window)"),
+         "--samples": (int, 4, "unconditional samples per configuration"),
+         "--batch-size": (int, 0, "samples per generate call (0: all in one)"),
+         "--steps": ([int], [16, 32, 64, 128, 256, 1000], "MDLM steps vs AR"),
+         "--samplers": ([str], list(SAMPLERS), "MDLM samplers vs AR (issue 11: "
                         "ddpm_cache first_hitting)"),
-         "--cache-steps": (int, "+", [1000, 0], "steps of ddpm_cache vs ddpm (0: T = L)"),
-         "--batch-sizes": (int, "+", None, "batch sizes of ddpm_cache vs ddpm, B samples "
+         "--cache-steps": ([int], [1000, 0], "steps of ddpm_cache vs ddpm (0: T = L)"),
+         "--batch-sizes": ([int], None, "batch sizes of ddpm_cache vs ddpm, B samples "
                            "each (1: --single-samples); default --batch-size and 1"),
-         "--single-samples": (int, None, 2, "samples one at a time in ddpm_cache vs ddpm"),
-         "--threads": (int, None, CORES, "torch threads for sampling"),
-         "--train-threads": (int, None, CORES, "OMP_NUM_THREADS of fairseq-train"),
-         "--long-length": (int, None, 0, "block diffusion vs MDLM semi-AR vs AR at this "
+         "--single-samples": (int, 2, "samples one at a time in ddpm_cache vs ddpm"),
+         "--threads": (int, CORES, "torch threads for sampling"),
+         "--train-threads": (int, CORES, "OMP_NUM_THREADS of fairseq-train"),
+         "--long-length": (int, 0, "block diffusion vs MDLM semi-AR vs AR at this "
                            "many tokens per sample (issue 10: 512; 0: skip)"),
-         "--long-samples": (int, None, 2, "samples of --long-length tokens per model"),
-         "--block-ckpt": (str, None, f"{TRAIN_DIR}/bd3_tiny/checkpoint_last.pt", "BD3 model"),
-         "--block-size": (int, None, 16, "L' of a BD3 model trained here; MDLM's semi-AR stride"),
-         "--block-steps": (int, None, 16, "steps per block (MDLM: per window of L' new tokens)"),
-         "--long-sampler": (str, None, "ddpm_cache", "sampler of the long samples"),
-         "--seed": (int, None, 1, None),
-         "--output-dir": (str, None, "benchmarks/results/sampling", "repo-relative")}
+         "--long-samples": (int, 2, "samples of --long-length tokens per model"),
+         "--block-ckpt": (str, f"{TRAIN_DIR}/bd3_tiny/checkpoint_last.pt", "BD3 model"),
+         "--block-size": (int, 16, "L' of a BD3 model trained here; MDLM's semi-AR stride"),
+         "--block-steps": (int, 16, "steps per block (MDLM: per window of L' new tokens)"),
+         "--long-sampler": (str, "ddpm_cache", "sampler of the long samples"),
+         "--seed": (int, 1, None),
+         "--output-dir": (str, "benchmarks/results/sampling", "repo-relative"),
+         "--no-train": (bool, False, "a missing checkpoint is an error"),
+         "--report-only": (bool, False, "only rewrite results.md and the plot from "
+                           "--output-dir/results.json")}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("data", nargs="?", default="data-bin/ptb", help="the models' data")
-    for flag, (kind, nargs, default, text) in FLAGS.items():
-        p.add_argument(flag, type=kind, nargs=nargs, default=default, help=text)
-    p.add_argument("--no-train", action="store_true", help="a missing checkpoint is an error")
-    p.add_argument("--report-only", action="store_true",
-                   help="only rewrite results.md and the plot from --output-dir/results.json")
+    p = measure.parser(__doc__, FLAGS, ("data-bin/ptb", "the models' data"))
     args = p.parse_args(argv)
     if args.batch_size <= 0:
         args.batch_size = args.samples
@@ -121,12 +117,10 @@ def ensure_checkpoint(model: str, path: str, args, data_dir: str) -> Dict[str, o
     cmd, log = train_command(model, args, data_dir, save_dir), os.path.join(save_dir, "train.log")
     print(f"{model}: {path} missing; training {args.train_updates} updates "
           f"(log {log}):\n    $ {shlex.join(cmd)}", flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.train_threads),
-               MKL_NUM_THREADS=str(args.train_threads))
-    out = measure.run_logged(cmd, log, env, REPO, timeout=24 * 3600)
-    if out["returncode"] != 0 or not os.path.isfile(trained):
-        sys.exit(f"error: training {model} failed (exit {out['returncode']}); last lines of "
-                 f"{log}:\n{''.join(out['lines'][-15:])}")
+    env = dict(os.environ, **measure.thread_env(args.train_threads))
+    measure.run_logged(cmd, log, env, REPO, timeout=24 * 3600, what=f"training {model}")
+    if not os.path.isfile(trained):
+        sys.exit(f"error: training {model} wrote no {trained} (log {log})")
     return {"path": trained, "trained_here": True, "train_command": shlex.join(cmd)}
 
 
@@ -454,18 +448,6 @@ LONG_COLUMNS = SPEED_COLUMNS[:1] + [
                                   f"{reporting.fmt(r['gen_ppl_se'])}")]
 
 
-def table(columns, rows) -> str:
-    """A Markdown table of ``rows`` with the (head, cell) ``columns`` that every row has
-    data for (results written before a column existed render without it)."""
-    keep = []
-    for head, cell in columns:
-        try:
-            keep.append((head, [cell(r) for r in rows]))
-        except KeyError:
-            continue
-    return md_table([h for h, _ in keep], list(zip(*[cells for _, cells in keep])))
-
-
 def expected_table(res) -> str:
     e = res["expected_calls_by_batch"]
     return md_table(["T"] + list(e["batches"]),
@@ -500,7 +482,7 @@ def markdown_report(res) -> str:
         "", "## 1. `ddpm_cache` vs `ddpm` (same checkpoint, seed and samples)", "",
         "speed-up = ddpm / ddpm_cache; expected calls: the schedule-only formula "
         "(`expected_calls`); other load: share of all cores used by other processes "
-        "during the run.", "", table(CACHE_COLUMNS, res["cache_vs_ddpm"]),
+        "during the run.", "", column_table(CACHE_COLUMNS, res["cache_vs_ddpm"]),
         "", f"Expected row evaluations per sample, any batch size (L = {s['length']}):", "",
         expected_table(res), "",
         f"## 2. MDLM vs autoregressive sampling ({s['samples']} samples of "
@@ -508,7 +490,7 @@ def markdown_report(res) -> str:
         "x transformer_lm = seconds per sample / transformer_lm's seconds per sample "
         "(> 1: slower than fairseq's AR sampling). Entropy: mean over samples of the "
         "unigram entropy of each sample (± standard error).", "",
-        table(SPEED_COLUMNS, res["speed_vs_ar"]), ""]
+        column_table(SPEED_COLUMNS, res["speed_vs_ar"]), ""]
     if d:
         lines += [f"Reference: PTB `{d['split']}` split in {d['blocks']} blocks of "
                   f"{s['length']} tokens: unigram entropy {d['entropy']:.3f} nats "
@@ -519,7 +501,7 @@ def markdown_report(res) -> str:
         lines += [f"## 3. {r['samples']} samples of {r['length']} tokens: block diffusion vs MDLM "
                   f"semi-AR vs AR", "", "Generative perplexity under mdlm_ar_tiny (± standard "
                   "error); steps per token: diffusion steps per block (or window) / new tokens "
-                  "per block.", "", table(LONG_COLUMNS, res["long_samples"]), ""]
+                  "per block.", "", column_table(LONG_COLUMNS, res["long_samples"]), ""]
     lines += ["![sampling speed](sampling_speed.png)", "", "## Notes", ""]
     return "\n".join(lines + [f"- {n}" for n in res["notes"]] + [""])
 
@@ -580,10 +562,8 @@ def write_outputs(res, out_dir: str) -> None:
 # --------------------------------------------------------------------------- main
 
 def header(args, data_dir: str, argv) -> Dict[str, object]:
-    m = reporting.machine("cpu", args.threads)
-    keys = ("date", "host", "platform", "cpu", "cpu_cores", "cpu_cores_usable", "torch_threads",
-            "load_average", "device", "python", "torch", "fairseq", "mdlm_plugin", "git")
-    machine = {("load_average_at_start" if k == "load_average" else k): m[k] for k in keys}
+    machine = {("load_average_at_start" if k == "load_average" else k): v
+               for k, v in reporting.machine("cpu", args.threads).items() if k != "gpu"}
     batches_ = ", ".join(f"{b}" for _, b in cache_modes(args))
     setup = (f"{args.samples} unconditional samples x {args.length} tokens per configuration, "
              f"batch {args.batch_size}, seed {args.seed}, temperature 1, no top-k/top-p, "
@@ -638,7 +618,7 @@ def main(argv=None):
     h = header(args, data_dir, argv)
     print(f"command: {h['command']}\nsetup: {h['setup']}", flush=True)
     res = {"header": h, "settings": vars(args), **measure_all(args, data_dir)}
-    h["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    h["load_average_at_end"] = reporting.load_average()
     h["total_wall_s"] = time.perf_counter() - t_start
     reporting.write_text(os.path.join(out_dir, "results.json"),
                          json.dumps(res, indent=2, default=str))

@@ -6,7 +6,6 @@ of the same size, each trained by ``fairseq-train`` (command lines from
     python benchmarks/train_throughput.py [DATA_DIR=data-bin/ptb] [--updates 60] [--repeats 2]
     python benchmarks/train_throughput.py --report-only [--output-dir DIR]
 """
-import argparse
 import json
 import os
 import re
@@ -21,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]
 import measure  # noqa: E402
 from mdlm_plugin import recipes, reporting  # noqa: E402
-from mdlm_plugin.reporting import COLOURS, fmt, pct  # noqa: E402
+from mdlm_plugin.reporting import fmt, pct  # noqa: E402
 
 MDLM = "mdlm_tiny"
 BASELINE = "transformer_lm"
@@ -41,7 +40,7 @@ GPU_MEMORY = [("peak torch allocated (GiB, from gb_free)", "gpu_peak_allocated_g
               ("peak host RSS (MiB)", "peak_rss_mib", ",.0f", False)]
 PARAMS = [("parameters", "params", ",.0f", False)]
 SPECS = {k: s for _, k, s, _ in METRICS + CPU_MEMORY + GPU_MEMORY + PARAMS}
-# flag -> (type, default, help); see benchmarks/README.md for what each changes
+# see benchmarks/README.md for what each changes
 FLAGS = {"--updates": (int, 60, "training updates per run"),
          "--log-interval": (int, 10, "updates per train_inner record (one throughput sample)"),
          "--warmup-intervals": (int, 1, "leading train_inner intervals not measured"),
@@ -49,25 +48,21 @@ FLAGS = {"--updates": (int, 60, "training updates per run"),
          "--batch-size": (int, 32, "sequences per batch"),
          "--tokens-per-sample": (int, 128, "tokens per sequence"),
          "--lr": (float, 1e-3, "Adam learning rate (fixed)"),
-         "--dropout": (float, 0.1, "dropout of both models"), "--seed": (int, 1, ""),
+         "--dropout": (float, 0.1, "dropout of both models"), "--seed": (int, 1, None),
          "--num-workers": (int, 0, "fairseq data workers (0: one process, exact peak RSS)"),
          "--block-size": (int, None, "also train BD3: mdlm_tiny with this --block-size"),
          "--threads": (int, None, "OMP/MKL_NUM_THREADS of the runs (default: torch's)"),
          "--output-dir": (str, "benchmarks/results", "results, plot and logs (repo-relative)"),
-         "--run-timeout": (float, 3600.0, "seconds before a run is killed")}
+         "--run-timeout": (float, 3600.0, "seconds before a run is killed"),
+         "--amp": (bool, False, "GPU only: --amp for both runs"),
+         "--report-only": (bool, False, "only rewrite results.md and the plot from "
+                           "--output-dir/results.json")}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("data", nargs="?", default="data-bin/ptb",
-                   help="fairseq-preprocess --only-source directory (repo-relative)")
-    for flag, (kind, default, text) in FLAGS.items():
-        p.add_argument(flag, type=kind, default=default, help=text or None)
+    p = measure.parser(__doc__, FLAGS, ("data-bin/ptb", "fairseq-preprocess --only-source "
+                                        "directory (repo-relative)"))
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--amp", action="store_true", help="GPU only: --amp for both runs")
-    p.add_argument("--report-only", action="store_true",
-                   help="only rewrite results.md and the plot from --output-dir/results.json")
     args = p.parse_args(argv)
     if args.updates < args.log_interval * (args.warmup_intervals + 1):
         p.error(f"--updates {args.updates} gives no measured interval: it must be at least "
@@ -153,23 +148,6 @@ def interval_stats(run: Run, warmup: int) -> None:
     run.other_load = busy_others / total if total > 0 else None
 
 
-def extract_model_config(line: str) -> Dict[str, object]:
-    """The ``'model': {...}`` section of the config fairseq-train logs at start-up (a
-    Python repr with non-literal values, not JSON: fairseq logs its config no other way)."""
-    m = re.search(r"'model': \{([^{}]*)\}", line)
-    return {key: number(value.strip().strip("'")) for key, value in
-            re.findall(r"'(\w+)': ('[^']*'|[^,\[\]]+)", m.group(1) if m else "")}
-
-
-def number(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            continue
-    return text
-
-
 def check_architecture(model: str, config: Dict[str, object], log_text: str, args) -> Dict:
     """Depth, width, heads, FFN and dropout as the child built them: depth and FFN off the
     printed module tree ("(0-3): 4 x Block(...)"), width off every embedding, heads and
@@ -213,11 +191,9 @@ def read_line(run: Run, line: str, pid: int, gpu: Dict) -> None:
               f"wps {values.get('wps', float('nan')):>9.1f}  "
               f"loss {values.get('loss', float('nan')):.3f}", flush=True)
     run.params = run.params or recipes.logged_params(line)
-    total = re.search(r"total memory = ([\d.]+) GB", line)     # fairseq's CUDA env line
-    if total:
-        gpu["total_gib"] = float(total.group(1))
+    gpu["total_gib"] = gpu.get("total_gib") or recipes.logged_gpu_memory_gib(line)
     if "fairseq_cli.train | {" in line and not run.config:
-        run.config = extract_model_config(line)
+        run.config = recipes.logged_model_config(line)
 
 
 def run_once(model: str, repeat: int, args, data_dir: str, device: str, log_dir: str,
@@ -225,28 +201,19 @@ def run_once(model: str, repeat: int, args, data_dir: str, device: str, log_dir:
     run = Run(model=model, repeat=repeat,
               command=train_command(model, args, data_dir, device, save_dir),
               log_file=os.path.join(log_dir, f"{model}_run{repeat}.log"))
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if args.threads:
-        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **measure.thread_env(args.threads))
     gpu = {}
-    run.load_before = [round(x, 2) for x in os.getloadavg()]
+    run.load_before = reporting.load_average()
     out = measure.run_logged(run.command, run.log_file, env, REPO, args.run_timeout,
-                             lambda line, pid: read_line(run, line, pid, gpu), device == "cuda")
-    run.load_after = [round(x, 2) for x in os.getloadavg()]
-    run.wall_s, run.returncode = out["wall_s"], out["returncode"]
+                             lambda line, pid: read_line(run, line, pid, gpu), device == "cuda",
+                             what=f"{model} run {repeat}")
+    run.load_after = reporting.load_average()
+    run.wall_s, run.returncode, run.cpu_s = out["wall_s"], out["returncode"], out["cpu_s"]
     run.tree_rss_peak_mib, run.gpu_smi_peak_mib = out["tree_rss_peak_mib"], out["smi_peak_mib"]
-    if run.returncode != 0:
-        if out["timed_out"]:
-            sys.exit(f"error: {model} run {repeat} was killed after --run-timeout "
-                     f"{args.run_timeout:g} s (log: {run.log_file})")
-        sys.exit(f"error: {model} run {repeat} failed with exit status {run.returncode} "
-                 f"(full log: {run.log_file}); last lines:\n{''.join(out['lines'][-30:])}")
-    usage = out["usage"]
-    run.cpu_s = usage.ru_utime + usage.ru_stime
-    run.peak_rss_mib = usage.ru_maxrss / 1024            # Linux: KiB
+    run.peak_rss_mib = out["usage"].ru_maxrss / 1024            # Linux: KiB
     if run.rss_at_train_start_mib is not None:
         run.rss_train_increase_mib = run.peak_rss_mib - run.rss_at_train_start_mib
-    if "total_gib" in gpu and "gb_free_min" in gpu:
+    if gpu.get("total_gib") and "gb_free_min" in gpu:
         run.gpu_peak_allocated_gib = gpu["total_gib"] - gpu["gb_free_min"]
     throughput(run, args)
     run.arch_check = check_architecture(model, run.config, "".join(out["lines"]), args)
@@ -359,20 +326,13 @@ def plot(res: Dict, path: str) -> None:
     fig, axes = reporting.pyplot().subplots(1, 2, figsize=(10, 4.2))
     for ax, (key, label) in zip(axes, panels):
         heights = [rows[key][column[m]] or 0.0 for m in models]
-        bars = ax.bar(range(len(models)), heights, color=[COLOURS[m] for m in models], width=0.6)
-        top = max(heights)
-        for x, model in enumerate(models):
-            ys = [r[key] for r in runs if r["model"] == model and r.get(key) is not None]
-            top = max([top] + ys)
-            ax.scatter([x] * len(ys), ys, color="black", s=14, zorder=3,
-                       label="individual runs" if x == 0 else None)
-        for bar, hgt in zip(bars, heights):
+        values = [[r[key] for r in runs if r["model"] == m and r.get(key) is not None]
+                  for m in models]
+        for bar, hgt in zip(reporting.bars(ax, models, heights, values, label), heights):
             ax.annotate(f"{hgt:,.0f}" if hgt >= 10 else f"{hgt:.2f}",
                         (bar.get_x() + bar.get_width() / 2, hgt), ha="center", va="bottom",
                         fontsize=9, xytext=(0, 2), textcoords="offset points")
-        ax.set_xticks(range(len(models)))
-        ax.set_xticklabels(models)
-        ax.set(ylabel=label, ylim=(0, max(top, 1e-9) * 1.18))
+        ax.set_ylim(0, max([1e-9, *heights, *sum(values, [])]) * 1.18)
         ax.set_title(f"{label}\nMDLM / transformer_lm = {fmt(rows[key]['ratio'], '.3f')}",
                      fontsize=10)
         ax.legend(loc="lower right", fontsize=8)

@@ -223,7 +223,38 @@ def eval_lm_result(text: str) -> Optional[Dict[str, float]]:
             "ppl": float(loss.group(2))}
 
 
+# what fairseq logs only as human-readable text (at start-up; no --log-format changes it)
+
 def logged_params(text: str) -> Optional[int]:
-    """The parameter count fairseq-train logs at start-up (not part of its JSON records)."""
+    """The parameter count fairseq-train logs ("num. shared model params: N")."""
     m = re.search(r"num\. shared model params: ([\d,]+)", text)
     return int(m.group(1).replace(",", "")) if m else None
+
+
+def logged_dictionary_size(text: str) -> Optional[int]:
+    """The size of the task's dictionary ("dictionary: N types")."""
+    m = re.search(r"dictionary: (\d+) types", text)
+    return int(m.group(1)) if m else None
+
+
+def logged_gpu_memory_gib(text: str) -> Optional[float]:
+    """The GPU's total memory, from fairseq's CUDA environment line ("total memory = X GB")."""
+    m = re.search(r"total memory = ([\d.]+) GB", text)
+    return float(m.group(1)) if m else None
+
+
+def logged_model_config(text: str) -> Dict[str, object]:
+    """The ``'model': {...}`` section of the config fairseq-train logs: a Python repr with
+    non-literal values, not JSON (fairseq logs its config no other way)."""
+    m = re.search(r"'model': \{([^{}]*)\}", text)
+    return {key: _number(value.strip().strip("'")) for key, value in
+            re.findall(r"'(\w+)': ('[^']*'|[^,\[\]]+)", m.group(1) if m else "")}
+
+
+def _number(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            continue
+    return text

@@ -46,6 +46,19 @@ def md_table(head: Sequence, rows: Sequence[Sequence], align: str = "") -> str:
     return "\n".join(lines)
 
 
+def column_table(columns: Sequence, rows: Sequence, align: str = "") -> str:
+    """A Markdown table of ``rows`` with the ``(head, cell)`` ``columns``, ``cell(row)``
+    giving a row's text; a column that raises KeyError for some row is left out (results
+    written before it existed render without it)."""
+    keep = []
+    for head, cell in columns:
+        try:
+            keep.append((head, [cell(r) for r in rows]))
+        except KeyError:
+            continue
+    return md_table([h for h, _ in keep], list(zip(*[cells for _, cells in keep])), align)
+
+
 def in_repo(path: str) -> str:
     """A path relative to the repository root (absolute paths unchanged)."""
     return os.path.join(REPO, path)
@@ -100,6 +113,11 @@ def invocation(script: str, argv: Optional[Sequence[str]] = None) -> str:
     return shlex.join([sys.executable] + (sys.argv if argv is None else [script, *argv]))
 
 
+def load_average():
+    """The 1-, 5- and 15-minute load averages, to two decimals."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -119,7 +137,7 @@ def machine(device: str = "cpu", threads: Optional[int] = None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(), "platform": platform.platform(), "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(), "cpu_cores_usable": usable_cores(),
-        "torch_threads": threads, "load_average": [round(x, 2) for x in os.getloadavg()],
+        "torch_threads": threads, "load_average": load_average(),
         "device": device, "gpu": gpu, "python": platform.python_version(),
         "torch": torch_version, "fairseq": dist_version("fairseq-fixed", "fairseq"),
         "mdlm_plugin": dist_version("mdlm_plugin", "mdlm-plugin"), "git": git_revision(),
@@ -147,6 +165,20 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def bars(ax, names: Sequence[str], heights: Sequence[float],
+         runs: Sequence[Sequence[float]] = (), ylabel: str = ""):
+    """One bar per model in its colour over its name, and each run's value as a black dot
+    on its model's bar ("individual runs" in the legend). Returns the bars."""
+    drawn = ax.bar(range(len(names)), heights, color=[COLOURS[n] for n in names], width=0.6)
+    for x, ys in enumerate(runs):
+        ax.scatter([x] * len(ys), ys, color="black", s=14, zorder=3,
+                   label="individual runs" if x == 0 else None)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names)
+    ax.set_ylabel(ylabel)
+    return drawn
 
 
 def save_figure(fig, path: str, title: Optional[str] = None) -> None:
