@@ -24,13 +24,13 @@ V, MASK, PAD = 40, 39, 1
 SCHEDULE = build_schedule("loglinear")
 
 
-def random_dit(seed=0, time_conditioning=False):
+def random_dit(seed=0, time_conditioning=False, std=0.3):
     torch.manual_seed(seed)
     net = DiT(V, 32, 2, 2, cond_dim=16, dropout=0.0, max_positions=64,
               time_conditioning=time_conditioning).eval()
     with torch.no_grad():
         for p in net.parameters():
-            p.normal_(0, 0.3)
+            p.normal_(0, std)
     return net
 
 
@@ -207,7 +207,10 @@ class Uncached:
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddpm_cache", "first_hitting", "remdm", "confidence"])
 def test_cached_sampling_equals_uncached(sampler):
-    net = random_dit(6)
+    # weights of sd 0.1: at 0.3 this net gives one token p ~ 0.991 at almost every
+    # position, so the confidence sampler's order is a near-tie (gaps ~1e-5) that the
+    # cached and uncached paths' float rounding decides differently on some CPUs
+    net = random_dit(6, std=0.1)
     z = torch.full((4, 16), MASK)
     z[0, :6] = tokens(1, 6)[0]                              # prompts of 6, 2 and 0 tokens
     z[1, :2] = tokens(1, 2, seed=3)[0]
