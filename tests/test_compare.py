@@ -152,6 +152,14 @@ def test_compare_script_end_to_end(ptb_tiny, tmp_path):
     bd3 = [line for line in md.splitlines() if line.startswith("| bd3_8 |")][0]
     assert bd3.endswith(f"| {statistics.fmean(r):.3f} ± {statistics.stdev(r):.3f} |")
     assert "| transformer_lm | 1 * |" in md and "| sedd | 1 * |" in md   # fewer seeds
+    # each diffusion row against MDLM: mean difference ± the larger seed sd, 2-sd verdict
+    diff = [line for line in md.splitlines() if line.startswith("| bd3_8 | ")][1]
+    d = statistics.fmean(r["test"]["ppl"] for r in runs["bd3_8"]) - statistics.fmean(
+        r["test"]["ppl"] for r in runs["mdlm"])
+    sd = max(statistics.stdev(r["test"]["ppl"] for r in runs[m]) for m in two_seeds)
+    verdict = "yes" if abs(d) > 2 * sd else "not resolved"
+    assert diff == f"| bd3_8 | {d:+.1f} ± {sd:.1f} | {verdict} ({abs(d) / sd:.1f} sd) |", diff
+    assert any(line.startswith(("| sedd | +", "| sedd | -")) for line in md.splitlines())
     for png in ("valid_ppl.png", "gen_ppl.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     check_reuse_and_zero_shot(cmd, res, tmp_path / "out2", ptb_tiny)
