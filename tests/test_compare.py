@@ -250,3 +250,20 @@ def check_cells(md):
                 for c in cells[1:]:
                     if c[-1:].isdigit() and "." in c:
                         assert " ± " in c or c.endswith("(1 seed)"), (c, line)
+
+
+def test_noise_ab_report_reproduces_the_committed_results(tmp_path):
+    """examples/compare/noise_ab.py --report-only: the committed A/B table re-renders byte
+    for byte, and its group means are those of the runs' test bounds."""
+    committed = REPO / "examples" / "compare" / "results" / "ptb_noise"
+    (tmp_path / "results.json").write_text((committed / "results.json").read_text())
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "compare" / "noise_ab.py"),
+                           "--report-only", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = (tmp_path / "results.md").read_text()
+    assert md == (committed / "results.md").read_text()
+    assert (tmp_path / "valid_curves.png").read_bytes()[:4] == b"\x89PNG"
+    runs = json.loads((committed / "results.json").read_text())["runs"]
+    keyed = [r["test_ppl"] for r in runs if r["arm"] == "keyed"]
+    assert f"test mean {statistics.fmean(keyed):.1f} ± {statistics.stdev(keyed):.1f} sd" in md

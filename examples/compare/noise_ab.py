@@ -74,7 +74,7 @@ def test_bound(ckpt: str, args):
     return t["ppl"], t["ppl_se"]
 
 
-def report(res: dict) -> None:
+def report(res: dict, out: str = OUT) -> None:
     ups = [u for u, _ in res["runs"][0]["valid_curve"] if u % 100 == 0]
     rows = [[r["arm"], r["seed"], r["noise"]] + [f"{dict(r['valid_curve'])[u]:.1f}" for u in ups]
             + [f"<= {r['test_ppl']:.1f} ({r['test_ppl_se']:.1f})"] for r in res["runs"]]
@@ -88,7 +88,7 @@ def report(res: dict) -> None:
              ""] + [f"- {name}: test mean {statistics.fmean(r['test_ppl'] for r in g):.1f} ± "
                     f"{statistics.stdev(r['test_ppl'] for r in g):.1f} sd" for name, g in groups
                     if len(g) > 1] + ["", "![validation curves](valid_curves.png)", ""]
-    reporting.write_text(os.path.join(OUT, "results.md"), "\n".join(lines))
+    reporting.write_text(os.path.join(out, "results.md"), "\n".join(lines))
     fig, ax = reporting.pyplot().subplots(figsize=(6.5, 4))
     for r in res["runs"]:
         style = "-" if r["arm"] == "keyed" else "--" if r["seed"] <= 3 else ":"
@@ -96,7 +96,7 @@ def report(res: dict) -> None:
                 label=f"{r['arm']} seed {r['seed']}")
     ax.set(xlabel="updates", ylabel="validation bound (perplexity)", yscale="log")
     ax.legend(fontsize=7)
-    reporting.save_figure(fig, os.path.join(OUT, "valid_curves.png"),
+    reporting.save_figure(fig, os.path.join(out, "valid_curves.png"),
                           "MDLM on PTB: keyed (solid) vs global-stream noise (dashed: seeds 1-3)")
 
 
@@ -106,10 +106,11 @@ def main(argv=None):
     p.add_argument("--keyed", type=int, nargs="*", default=[1, 2, 3], help="keyed seeds")
     p.add_argument("--work-dir", default="checkpoints/noise_ab")
     p.add_argument("--keyed-dir", default="checkpoints/compare_ptb", help="compare's runs")
-    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--out", default=OUT, help="results")
+    p.add_argument("--report-only", action="store_true", help="re-render from results.json")
     args = p.parse_args(argv)
     if args.report_only:
-        return report(reporting.read_json(os.path.join(OUT, "results.json")))
+        return report(reporting.read_json(os.path.join(args.out, "results.json")), args.out)
     args.cargs = compare.parse_args(["--corpus", "ptb", "--threads", "1",
                                      "--work-dir", args.keyed_dir])
     for seed in args.train:
@@ -119,9 +120,9 @@ def main(argv=None):
     res = {"doc": __doc__.split("\n\n")[2].replace("\n", " "), "runs": runs,
            "command": reporting.invocation(__file__, argv),
            "machine": reporting.machine_line(reporting.machine("cpu", 1))}
-    os.makedirs(OUT, exist_ok=True)
-    reporting.write_text(os.path.join(OUT, "results.json"), json.dumps(res, indent=1))
-    report(res)
+    os.makedirs(args.out, exist_ok=True)
+    reporting.write_text(os.path.join(args.out, "results.json"), json.dumps(res, indent=1))
+    report(res, args.out)
 
 
 if __name__ == "__main__":
