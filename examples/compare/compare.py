@@ -511,10 +511,10 @@ def against_mdlm(res: Dict) -> List[str]:
         mean, sd = stats(m)
         spread = max((x for x in (sd, base_sd) if x is not None), default=None)
         diff = f"{mean - base:+.1f}"
-        rows.append([m, diff + (f" ± {spread:.1f}" if spread else " (1 seed)"),
-                     "no sd (one seed each)" if spread is None else
-                     f"{'yes' if abs(mean - base) > 2 * spread else 'not resolved'} "
-                     f"({abs(mean - base) / spread:.1f} sd)"])
+        verdict = "no sd (one seed each)" if spread is None else \
+            "yes" if abs(mean - base) > 2 * spread else "not resolved"
+        rows.append([m, diff + (" (1 seed)" if spread is None else f" ± {spread:.1f}"),
+                     verdict + (f" ({abs(mean - base) / spread:.1f} sd)" if spread else "")])
     return ["Against MDLM (mean bound minus MDLM's; ± the larger sd over seeds of the two "
             "rows): resolved when the difference exceeds 2 sd.", "",
             md_table(["model", "bound - mdlm", "beyond 2 sd"], rows), ""]
