@@ -106,6 +106,23 @@ def test_mask_rate_range_is_respected():
 
 
 @torch.no_grad()
+def test_clipped_mask_rate_keeps_its_one_over_t_weight():
+    """With the rate fixed at (0.5, 0.5) every masked token's cross-entropy is weighted by
+    1/t = 2: the loss is exactly twice the masked tokens' summed cross-entropy, read off
+    the network independently of the objective."""
+    net, x = random_dit(3), tokens(6, 16, seed=4)
+    seen = []
+    terms = block_nelbo(block_denoiser(net, x, 4, capture=seen), x, SCHEDULE, MASK,
+                        block_size=4, mask_rate=(0.5, 0.5), generator=seeded())
+    assert bool((terms.t == 0.5).all()) and 0 < terms.n_masked < x.numel()
+    (masked, logits), = seen          # the denoiser scores the masked positions only
+    assert int(masked.sum()) == terms.n_masked == logits.size(0)
+    lp = log_probs_without_mask(logits.double(), MASK)
+    ce = -lp.gather(-1, x[masked].unsqueeze(-1)).sum()
+    assert terms.loss.item() == pytest.approx(2 * ce.item(), rel=1e-5)
+
+
+@torch.no_grad()
 def test_block_causality():
     net, x = random_dit(2), tokens(2, 16)
     capture = []
