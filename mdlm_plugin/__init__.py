@@ -3,15 +3,15 @@
 Load with ``--user-dir mdlm_plugin``. fairseq auto-imports ``tasks/`` and
 ``models/`` of a user dir but not ``criterions/``, so everything is imported here.
 
-Importing the plugin changes two process-wide things, both in
+Importing the plugin changes three process-wide things, both in
 :func:`install_process_hooks` below (README, "Process-wide hooks").
 """
-from .checkpoint_io import install_atomic_checkpoint_copy
+from .checkpoint_io import install_atomic_checkpoint_copy, install_early_stop_persistence
 from .errors import install_excepthook
 
 
 def install_process_hooks() -> None:
-    """The two process-wide changes loading the plugin makes (idempotent). fairseq
+    """The three process-wide changes loading the plugin makes (idempotent). fairseq
     gives a ``--user-dir`` plugin no other entry point than its import, so they are
     installed from here, for every fairseq CLI that loads the plugin:
 
@@ -23,9 +23,14 @@ def install_process_hooks() -> None:
        a copy between local files goes to ``DEST.tmp`` and is renamed onto ``DEST``,
        so a kill during a save never truncates ``checkpoint_last.pt``; remote (iopath)
        paths keep fairseq's copy.
+    3. fairseq's ``Trainer.save_checkpoint`` / ``load_checkpoint``
+       (``checkpoint_io.install_early_stop_persistence``): the ``--patience`` counter of
+       fairseq-train travels in the checkpoint, so a resumed run stops early exactly
+       where an uninterrupted one would.
     """
     install_excepthook()
     install_atomic_checkpoint_copy()
+    install_early_stop_persistence()
 
 
 install_process_hooks()

@@ -54,3 +54,53 @@ def install_atomic_checkpoint_copy() -> None:
 
     setattr(atomic_local_copy, _MARK, True)
     PathManager.copy = staticmethod(atomic_local_copy)
+
+
+# --------------------------------------------------------------------------- early stopping
+#
+# fairseq-train's ``--patience`` counts validations without a new best in two attributes
+# of the function ``fairseq_cli.train.should_stop_early`` (``best``, ``num_runs``) that no
+# checkpoint saves: a resumed run starts counting from zero, so a run interrupted (or
+# trained in segments) stops later than an uninterrupted one. Loading the plugin saves
+# both in the checkpoint's ``extra_state`` and restores them when fairseq-train resumes.
+
+_EARLY_STOP_KEY = "mdlm_should_stop_early"
+
+
+def _early_stop_counter():
+    """fairseq-train's ``should_stop_early`` function, where this process runs it."""
+    import sys
+    for name in ("fairseq_cli.train", "__main__"):
+        fn = getattr(sys.modules.get(name), "should_stop_early", None)
+        if callable(fn):
+            return fn
+    return None
+
+
+def install_early_stop_persistence() -> None:
+    """Make fairseq's ``Trainer.save_checkpoint`` / ``load_checkpoint`` carry the
+    ``--patience`` state (idempotent)."""
+    from fairseq.trainer import Trainer
+
+    if getattr(Trainer.save_checkpoint, _MARK, False):
+        return
+    save, load = Trainer.save_checkpoint, Trainer.load_checkpoint
+
+    def save_checkpoint(self, filename, extra_state):
+        fn = _early_stop_counter()
+        if fn is not None and hasattr(fn, "best"):
+            extra_state = {**extra_state, _EARLY_STOP_KEY: {
+                "best": fn.best, "num_runs": getattr(fn, "num_runs", 0)}}
+        return save(self, filename, extra_state)
+
+    def load_checkpoint(self, *args, **kwargs):
+        extra_state = load(self, *args, **kwargs)
+        state = (extra_state or {}).get(_EARLY_STOP_KEY)
+        fn = _early_stop_counter()
+        if state is not None and fn is not None:
+            fn.best, fn.num_runs = state["best"], state["num_runs"]
+        return extra_state
+
+    for f in (save_checkpoint, load_checkpoint):
+        setattr(f, _MARK, True)
+    Trainer.save_checkpoint, Trainer.load_checkpoint = save_checkpoint, load_checkpoint
