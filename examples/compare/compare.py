@@ -57,16 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[1], help="training seeds")
     p.add_argument("--seeds-for", nargs="*", default=[], metavar="MODEL=N",
                    help="train MODEL with the first N of --seeds only (marked in the tables)")
-    g = p.add_argument_group("training (the same for every model)")
-    for flag, kind, default in (("--max-update", int, 600), ("--batch-size", int, 32),
-                                ("--tokens-per-sample", int, 128), ("--layers", int, 4),
-                                ("--embed-dim", int, 256), ("--heads", int, 4),
-                                ("--cond-dim", int, 128), ("--dropout", float, 0.1),
-                                ("--lr", float, 1e-3), ("--warmup-updates", int, 100),
-                                ("--validate-interval-updates", int, 100),
-                                ("--threads", int, 0)):
-        g.add_argument(flag, type=kind, default=default)
-    g.add_argument("--extra-train-args", default="", help="more fairseq-train flags, e.g. '--fp16'")
+    add_training_flags(p)
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-passes", type=int, default=4, help="Monte-Carlo passes of a bound")
     e.add_argument("--samples", type=int, default=16, help="per model, sampler and budget")
@@ -80,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "seeds) are always trained or reused from --work-dir, and evaluated")
     p.add_argument("--report-only", action="store_true", help="re-render from results.json")
     return p
+
+
+def add_training_flags(p: argparse.ArgumentParser, max_update: int = 600,
+                       validate_every: int = 100, threads: int = 0) -> None:
+    """The recipe every row shares (also long_runs.py's)."""
+    g = p.add_argument_group("training (the same for every model)")
+    for flag, kind, default in (("--max-update", int, max_update), ("--batch-size", int, 32),
+                                ("--tokens-per-sample", int, 128), ("--layers", int, 4),
+                                ("--embed-dim", int, 256), ("--heads", int, 4),
+                                ("--cond-dim", int, 128), ("--dropout", float, 0.1),
+                                ("--lr", float, 1e-3), ("--warmup-updates", int, 100),
+                                ("--validate-interval-updates", int, validate_every),
+                                ("--threads", int, threads)):
+        g.add_argument(flag, type=kind, default=default)
+    g.add_argument("--extra-train-args", default="", help="more fairseq-train flags, e.g. '--fp16'")
 
 
 def parse_args(argv=None):
@@ -186,17 +192,24 @@ def train_command(model: str, args, save_dir: str, seed: int = 1) -> List[str]:
     v, w = recipes.variant(model), args.validate_interval_updates
     size = recipes.Size(args.layers, args.embed_dim, args.heads, cond_dim=args.cond_dim,
                         max_positions=max(512, args.tokens_per_sample))
+    # long runs (examples/compare/long_runs.py) keep every keep_every-th checkpoint, stop
+    # early after `patience` validations without a new best, and validate diffusion rows
+    # with several Monte-Carlo passes; at their defaults (0, 0, 1) nothing changes here
+    keep, patience = getattr(args, "keep_every", 0), getattr(args, "patience", 0)
+    log_every = getattr(args, "log_interval", 0) or max(1, min(25, args.max_update // 4))
     protocol = recipes.data_flags(args.tokens_per_sample, args.batch_size) + [
         "--required-batch-size-multiple", 1,
         *recipes.adam_inverse_sqrt(args.lr, min(args.warmup_updates, args.max_update)),
         "--max-update", args.max_update, "--validate-interval-updates", w,
         "--save-interval-updates", w, "--keep-interval-updates", 1, "--no-epoch-checkpoints",
+        *(["--keep-interval-updates-pattern", keep] if keep else []),
+        *(["--patience", patience] if patience else []),
         "--save-dir", save_dir, "--log-format", "json",
-        "--log-interval", max(1, min(25, args.max_update // 4)), "--seed", seed,
-        "--num-workers", 0]
+        "--log-interval", log_every, "--seed", seed, "--num-workers", 0]
+    passes = getattr(args, "valid_passes", 1)
     return recipes.train_command(
         v.family, args.data, protocol, size=size, dropout=args.dropout, device=device(),
-        model_extra=["--eval-passes", 1] if evaluator(model) == "validate" else [],
+        model_extra=["--eval-passes", passes] if evaluator(model) == "validate" else [],
         after_size=v.flags, overrides=shlex.split(args.extra_train_args))
 
 

@@ -51,19 +51,22 @@ def parse_args():
     p.add_argument("--raw-dir", default="data/ptb",
                    help="where the plain-text splits go (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="fairseq-preprocess workers (default: %(default)s)")
+    p.add_argument("--train-fraction", type=float, default=1.0,
+                   help="keep only the first FRACTION of the training lines (same dictionary, "
+                   "valid and test splits: the full PTB's), e.g. 0.2 for a repeated-data study")
     p.add_argument("--force", action="store_true",
                    help="rebuild even if OUT_DIR is complete, and overwrite a partial or different dataset there")
     return p.parse_args()
 
 
-def dataset_state(out_dir):
+def dataset_state(out_dir, expected):
     """'complete', 'absent' (none of our files there) or 'other' (some, but not right)."""
     out_dir = Path(out_dir)
     names = ["dict.txt"] + [f"{s}.{ext}" for s in SPLITS for ext in ("bin", "idx")]
     present = [n for n in names if (out_dir / n).exists()]
     if not present:
         return "absent"
-    if len(present) == len(names) and all(binarized_sizes(out_dir / s) == EXPECTED[s] for s in SPLITS):
+    if len(present) == len(names) and all(binarized_sizes(out_dir / s) == expected[s] for s in SPLITS):
         return "complete"
     return "other"
 
@@ -83,6 +86,31 @@ def ptb_texts():
     return texts
 
 
+def expected_sizes(texts, fraction):
+    """(lines, tokens incl. EOS) of each split; the training split cut to its first
+    ``fraction`` of lines."""
+    if fraction >= 1:
+        return dict(EXPECTED)
+    lines = texts["train"].splitlines()[:round(fraction * EXPECTED["train"][0])]
+    return {**EXPECTED, "train": (len(lines), sum(len(x.split()) + 1 for x in lines))}
+
+
+def cut_train(stage, raw_train, fraction, workers):
+    """Re-binarize the first ``fraction`` of the training lines with the full dictionary."""
+    lines = Path(raw_train).read_text(encoding="utf-8").splitlines()
+    part = Path(raw_train).with_suffix(f".first{fraction:g}.txt")
+    write_lines(part, lines[:round(fraction * EXPECTED["train"][0])])
+    sub = stage / "train_fraction"
+    sub.mkdir()
+    run_preprocess(["--only-source", "--srcdict", stage / "dict.txt", "--trainpref", part,
+                    "--destdir", sub, "--workers", workers], sub)
+    for ext in ("bin", "idx"):
+        (sub / f"train.{ext}").replace(stage / f"train.{ext}")
+    for leftover in sub.iterdir():
+        leftover.unlink()
+    sub.rmdir()
+
+
 def print_table(out_dir, sizes):
     log(f"{'split':<6} {'lines':>8} {'tokens (incl. EOS)':>19}")
     for s in SPLITS:
@@ -97,17 +125,20 @@ def main():
     out_dir, raw_dir = Path(args.out_dir), Path(args.raw_dir)
     require_fairseq_preprocess()
 
-    state = dataset_state(out_dir)
+    if not 0 < args.train_fraction <= 1:
+        die(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
+    texts = ptb_texts()
+    expected = expected_sizes(texts, args.train_fraction)
+    state = dataset_state(out_dir, expected)
     if state == "complete" and not args.force:
         log(f"{out_dir} already holds the complete binarized PTB (token counts checked); nothing to do.")
-        print_table(out_dir, EXPECTED)
+        print_table(out_dir, expected)
         return
     if state == "other" and not args.force:
         die(f"{out_dir} holds an incomplete or different dataset (dict.txt/*.bin/*.idx with the wrong "
             "contents); remove it or rerun with --force")
 
     t0 = time.time()
-    texts = ptb_texts()
     raw = {}
     for split in SPLITS:
         raw[split] = raw_dir / f"ptb.{split}.txt"
@@ -121,13 +152,15 @@ def main():
          "--destdir", stage, "--workers", args.workers],
         stage,
     )
+    if args.train_fraction < 1:
+        cut_train(stage, raw["train"], args.train_fraction, args.workers)
     sizes = {s: binarized_sizes(stage / s) for s in SPLITS}
-    bad = [s for s in SPLITS if sizes[s] != EXPECTED[s]]
+    bad = [s for s in SPLITS if sizes[s] != expected[s]]
     if bad:
-        detail = "; ".join(f"{s}: got {sizes[s]}, expected {EXPECTED[s]} (lines, tokens)" for s in bad)
+        detail = "; ".join(f"{s}: got {sizes[s]}, expected {expected[s]} (lines, tokens)" for s in bad)
         die(f"binarized PTB has the wrong size ({detail}); the partial output is left in {stage}")
     install_staged(stage, out_dir)
-    log(f"binarized PTB written to {out_dir} in {time.time() - t0:.1f}s; token counts match the standard splits.")
+    log(f"binarized PTB written to {out_dir} in {time.time() - t0:.1f}s; token counts checked.")
     print_table(out_dir, sizes)
 
 
