@@ -203,6 +203,10 @@ def train_command(model: str, args, save_dir: str, seed: int = 1) -> List[str]:
         "--max-update", args.max_update, "--validate-interval-updates", w,
         "--save-interval-updates", w, "--keep-interval-updates", 1, "--no-epoch-checkpoints",
         *(["--keep-interval-updates-pattern", keep] if keep else []),
+        # long runs validate and save by updates only: fairseq's default also validates
+        # (and saves) at every epoch's end, which would double the validations and make
+        # --patience count a mix of both
+        *(["--validate-interval", 10 ** 6, "--save-interval", 10 ** 6] if keep else []),
         *(["--patience", patience] if patience else []),
         "--save-dir", save_dir, "--log-format", "json",
         "--log-interval", log_every, "--seed", seed, "--num-workers", 0]

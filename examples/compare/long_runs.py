@@ -47,8 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=os.path.join("data-bin", "ptb"), help="binarized data")
     p.add_argument("--work-dir", help="runs (default checkpoints/long_<name>)")
     p.add_argument("--out", help="results (default examples/compare/results/<name>)")
-    p.add_argument("--rows", nargs="+", default=[], metavar="MODEL@DROPOUT",
-                   help="rows to train and score, e.g. mdlm@0.1 mdlm_ar@0.3 bd3_4@0.1")
+    p.add_argument("--rows", nargs="+", default=[], metavar="MODEL@DROPOUT[~ROW]",
+                   help="rows to train and score, e.g. mdlm@0.1 mdlm_ar@0.3 bd3_4@0.1; "
+                   "bd3_4@0.1~mdlm@0.1 fine-tunes from row mdlm@0.1's best checkpoint")
+    p.add_argument("--finetune-mask-rate", type=float, nargs=2, default=[0.3, 0.8],
+                   metavar=("LOW", "HIGH"), help="--train-mask-rate of fine-tuned rows")
     p.add_argument("--eval-every", type=int, default=600,
                    help="keep and score a checkpoint every N updates")
     p.add_argument("--patience", type=int, default=5,
@@ -88,36 +91,59 @@ def parse_args(argv=None):
 
 
 def parse_row(text: str) -> Dict[str, object]:
-    """``MODEL@DROPOUT`` -> {"name", "model", "dropout"}."""
-    m = re.fullmatch(r"([\w]+)@([0-9.]+)", text)
+    """``MODEL@DROPOUT`` -> {"name", "model", "dropout", "source": None};
+    ``MODEL@DROPOUT~ROW``: the same, fine-tuned from ROW's best checkpoint (``source``)."""
+    own, _, source = text.partition("~")
+    m = re.fullmatch(r"(\w+)@([0-9.]+)", own)
     if not m:
-        raise ValueError(f"{text!r} is not MODEL@DROPOUT (e.g. mdlm@0.1)")
+        raise ValueError(f"{text!r} is not MODEL@DROPOUT[~MODEL@DROPOUT] (e.g. mdlm@0.1)")
     recipes.variant(m.group(1))
     dropout = float(m.group(2))
     if not 0 <= dropout < 1:
         raise ValueError(f"{text!r}: dropout must be in [0, 1)")
-    return {"name": f"{m.group(1)}@{dropout:g}", "model": m.group(1), "dropout": dropout}
+    row = {"name": f"{m.group(1)}@{dropout:g}", "model": m.group(1), "dropout": dropout,
+           "source": parse_row(source)["name"] if source else None}
+    if source and (evaluator(m.group(1)) != "validate" or "~" in source):
+        raise ValueError(f"{text!r}: only diffusion rows are fine-tuned (with "
+                         "--train-mask-rate), from a row trained from scratch")
+    if source:
+        row["name"] += "~" + row["source"]
+    return row
 
 
 # --------------------------------------------------------------------------- training
 
 def row_dir(row: Dict, args) -> str:
-    return os.path.join(args.work_dir, row["name"].replace("@", "_d"))
+    return os.path.join(args.work_dir, row["name"].replace("@", "_d").replace("~", "_from_"))
+
+
+def source_checkpoint(row: Dict, args) -> str:
+    return os.path.join(row_dir(parse_row(row["source"]), args), "checkpoint_best.pt")
 
 
 def segment_command(row: Dict, args, until: int) -> List[str]:
     """fairseq-train for this row, stopping at update ``until`` (a later segment resumes
-    from its checkpoint_last.pt)."""
-    a = argparse.Namespace(**{**vars(args), "dropout": row["dropout"], "max_update": until})
+    from its checkpoint_last.pt; fairseq applies --finetune-from-model only to the first)."""
+    extra = shlex.split(args.extra_train_args)
+    if row["source"]:
+        extra += ["--finetune-from-model", source_checkpoint(row, args), "--train-mask-rate",
+                  *map(str, args.finetune_mask_rate)]
+    a = argparse.Namespace(**{**vars(args), "dropout": row["dropout"], "max_update": until,
+                              "extra_train_args": shlex.join(extra)})
     return compare.train_command(row["model"], a, row_dir(row, args), args.seed)
 
 
 def identity(cmd: List[str]) -> List[str]:
     """What makes two segments (or two invocations) the same run: the command without
-    where it logs, saves and finds the plugin, and without the budget."""
+    where it logs, saves and finds the plugin, and without the budget; the checkpoint a
+    row is fine-tuned from by its row directory's name."""
     out = compare.recipe(cmd)
     i = out.index("--max-update")
-    return out[:i] + out[i + 2:]
+    out = out[:i] + out[i + 2:]
+    if "--finetune-from-model" in out:
+        j = out.index("--finetune-from-model") + 1
+        out[j] = os.path.basename(os.path.dirname(out[j])) + "/checkpoint_best.pt"
+    return out
 
 
 def relative(path: str) -> str:
@@ -243,6 +269,9 @@ def start_record(row: Dict, args, records: Records) -> Dict:
 def run_row(row: Dict, args, records: Records, train_tokens: int) -> None:
     """Train the row in segments that end at each evaluation point, scoring every kept
     checkpoint not yet recorded, until the budget or an early stop; then the best one."""
+    if row["source"] and not (records.read()["rows"].get(row["source"]) or {}).get("best"):
+        raise CompareError(f"{row['name']}: row {row['source']} has no best checkpoint "
+                           "recorded yet: train it first (it may be in the same --rows)")
     rec = start_record(row, args, records)
     while True:
         done = trained_to(row, args)
@@ -480,9 +509,11 @@ def main(argv=None):
     torch.set_num_threads(args.threads or 1)
     records = Records(args, header(args, argv))
     train_tokens = records.header["train_tokens"]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        for f in [pool.submit(run_row, r, args, records, train_tokens) for r in args.rows]:
-            f.result()
+    for phase in (False, True):            # fine-tuned rows after the rows they start from
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for f in [pool.submit(run_row, r, args, records, train_tokens)
+                      for r in args.rows if bool(r["source"]) == phase]:
+                f.result()
     print(render(records.read(), args.out))
     print(f"written: {relative(args.out)}/results.md, results.json, curves.png")
 
