@@ -65,6 +65,7 @@ def test_points_resume_extend_and_report(ptb_tiny, tmp_path, scored):
     done = set(scored)
     res = invoke(ptb_tiny, tmp_path, *rows, "--max-update", "8")
     new = scored[len(done):]
+    assert res["rows"]["mdlm@0"]["train"]["segments"] == 2   # 4 -> (6, by hand) -> 8
     assert {("mdlm_ar_d0.1", "test_8"), ("mdlm_d0", "test_8")} <= set(new)
     assert not set(new) & done and len(new) == len(set(new))
     mdlm = res["rows"]["mdlm@0"]
@@ -77,6 +78,19 @@ def test_points_resume_extend_and_report(ptb_tiny, tmp_path, scored):
     assert "| mdlm@0 |" in md and "| mdlm_ar@0.1 |" in md and "budget reached" in md
     assert (tmp_path / "out" / "curves.png").stat().st_size > 10_000
     assert "--work-dir" not in res["command"] and res["args"]["max_update"] == 8
+
+    # a block-diffusion row fine-tuned from the MDLM row's best checkpoint, with a clipped
+    # mask rate; a row whose source has not been trained is refused
+    res = invoke(ptb_tiny, tmp_path, "--rows", "bd3_4@0~mdlm@0", "--eval-every", "4",
+                 "--max-update", "4")
+    ft = res["rows"]["bd3_4@0~mdlm@0"]
+    assert ft["identity"][ft["identity"].index("--finetune-from-model") + 1] == \
+        "mdlm_d0/checkpoint_best.pt" and "--train-mask-rate" in ft["identity"]
+    assert list(ft["points"]) == ["4"] and ft["bound"]
+    with open(tmp_path / "runs" / "bd3_4_d0_from_mdlm_d0" / "train.log") as f:
+        assert "loading pretrained model from" in f.read()
+    with pytest.raises(SystemExit, match="mdlm@0.5 has no best checkpoint"):
+        invoke(ptb_tiny, tmp_path, "--rows", "bd3_4@0~mdlm@0.5", "--max-update", "4")
 
     # the same name with another recipe is refused, not mixed into the record
     with pytest.raises(SystemExit, match="another recipe"):
