@@ -324,14 +324,17 @@ def status(rec: Dict) -> str:
     return "budget reached" if done >= rec["budget"] else f"cut at {done:,} of {rec['budget']:,}"
 
 
+def best_valid(rec: Dict) -> Optional[float]:
+    return min((v for _, v in rec.get("valid_curve") or []), default=None)
+
+
 def chosen(rows: Dict[str, Dict]) -> Dict[str, str]:
-    """Per model, the row (dropout) with the lowest best validation perplexity."""
+    """Per model, the row (dropout) with the lowest validation perplexity so far."""
     out: Dict[str, str] = {}
     for name, rec in rows.items():
-        if rec.get("best") and rec["best"]["valid_ppl"] is not None:
-            cur = out.get(rec["model"])
-            if cur is None or rec["best"]["valid_ppl"] < rows[cur]["best"]["valid_ppl"]:
-                out[rec["model"]] = name
+        if best_valid(rec) is not None and (rec["model"] not in out or best_valid(rec) <
+                                            best_valid(rows[out[rec["model"]]])):
+            out[rec["model"]] = name
     return out
 
 
@@ -361,6 +364,7 @@ def main_table(res: Dict) -> List[str]:
 def targets(res: Dict) -> List[str]:
     """The issue's targets, measured on the chosen rows' best checkpoints."""
     pick, rows, lines = chosen(res["rows"]), res["rows"], []
+    pick = {m: n for m, n in pick.items() if rows[n].get("best")}
     if "mdlm_ar" not in pick:
         return lines
     ar = rows[pick["mdlm_ar"]]["best"]["test"]["ppl"]
@@ -458,10 +462,19 @@ def plot(res: Dict, path: str) -> None:
     axes[2].set(xlabel="epochs", ylabel="validation perplexity (diffusion: bound)",
                 yscale="log", title="validation split")
     for ax in axes:
-        ax.yaxis.set_minor_formatter(plt.NullFormatter())
+        readable_log_ticks(ax)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     reporting.save_figure(fig, path, f"{res['name']}: {res['args']['data']}")
+
+
+def readable_log_ticks(ax) -> None:
+    """Plain numbers at 1, 2, 5 x 10^k on a log y axis (a short range has no decade)."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullLocator
+    if ax.get_yscale() == "log":
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_locator(NullLocator())
 
 
 def render(res: Dict, out: str) -> str:
