@@ -1,6 +1,6 @@
 """What the comparison (examples/compare) and every benchmark report with: Markdown
-tables, number formatting, the machine / software / git description, and one plot style
-(the same colour for a model in every figure). No fairseq import; matplotlib is imported
+tables, number formatting, the machine / software / git description, paths made portable
+for committed results, and one plot style (the same colour for a model in every figure). No fairseq import; matplotlib is imported
 only by :func:`pyplot`.
 """
 import datetime
@@ -8,12 +8,15 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from typing import Dict, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 # one colour per model and per MDLM sampler, in every figure
 COLOURS = {"mdlm": "tab:blue", "mdlm_tiny": "tab:blue", "mdlm_ar": "tab:green",
@@ -64,14 +67,60 @@ def in_repo(path: str) -> str:
     return os.path.join(REPO, path)
 
 
+# an absolute path inside text: "/" not preceded by a path or word character
+_ABSOLUTE = re.compile(r"(?<![\w.~$/-])/(?:[\w.+@%-]+/)*[\w.+@%-]+")
+
+
+def _top(path: str) -> str:
+    """The first component of an absolute path ("work" for /work/runs/x)."""
+    return path.lstrip(os.sep).split(os.sep, 1)[0]
+
+
+def portable_path(path: str, repos: Sequence[str] = (REPO,)) -> str:
+    """``path`` as a committed result records it, without the machine's layout: an
+    executable in a ``bin`` directory by its name (``fairseq-train``, ``python``), a path
+    inside the repository (any of ``repos``) relative to it, one in the temporary directory
+    under ``$TMPDIR``, one elsewhere on the repository's or the home directory's top-level
+    directory relative to the repository (``../runs/x``). Other paths (``/dev/null``) and
+    relative ones are unchanged."""
+    if not os.path.isabs(path):
+        return path
+    p = os.path.normpath(path)
+    if os.path.basename(os.path.dirname(p)) == "bin":
+        return os.path.basename(p)
+    for repo in repos:
+        if p == repo or p.startswith(repo + os.sep):
+            return os.path.relpath(p, repo)
+    tmp = tempfile.gettempdir()
+    if p.startswith(tmp + os.sep):
+        return "$TMPDIR" + p[len(tmp):]
+    if _top(p) in {_top(repos[0]), _top(os.path.expanduser("~"))}:
+        return os.path.relpath(p, repos[0])
+    return path
+
+
+def portable(obj, repos: Sequence[str] = (REPO,)):
+    """``obj`` (text, or lists / tuples / dicts of it, as results.json holds) with every
+    absolute path in it made :func:`portable_path`; other values unchanged."""
+    if isinstance(obj, str):
+        return _ABSOLUTE.sub(lambda m: portable_path(m.group(0), repos), obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(portable(x, repos) for x in obj)
+    if isinstance(obj, dict):
+        return {k: portable(v, repos) for k, v in obj.items()}
+    return obj
+
+
 def read_json(path: str):
     with open(path) as f:
         return json.load(f)
 
 
 def write_text(path: str, text: str) -> None:
+    """Write a report file (results.json, results.md, a log): its machine paths are made
+    :func:`portable`, so a committed result names no directory of the machine it ran on."""
     with open(path, "w") as f:
-        f.write(text)
+        f.write(portable(text))
 
 
 # --------------------------------------------------------------------------- machine

@@ -202,9 +202,11 @@ def train_command(model: str, args, save_dir: str, seed: int = 1) -> List[str]:
 
 def recipe(cmd: List[str]) -> List[str]:
     """A training command without where it logs, saves and finds the plugin: runs that
-    differ only there trained the same model."""
+    differ only there trained the same model. Paths compare in their recorded (portable)
+    form: ``fairseq-train`` for the executable, data relative to the repository."""
     where = {"--log-format", "--save-dir", "--user-dir"}
-    return [str(t) for i, t in enumerate(cmd) if t not in where and not (i and cmd[i - 1] in where)]
+    return [reporting.portable(str(t)) for i, t in enumerate(cmd)
+            if t not in where and not (i and cmd[i - 1] in where)]
 
 
 def reusable(model: str, seed: int, args) -> Optional[Dict]:
@@ -635,8 +637,7 @@ def plot_generation(res: Dict, path: str) -> None:
 
 def write_report(res: Dict, args) -> str:
     text = report(res, args)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text + "\n")
+    reporting.write_text(os.path.join(args.out, "results.md"), text + "\n")
     plot_valid(res, os.path.join(args.out, "valid_ppl.png"))
     plot_generation(res, os.path.join(args.out, "gen_ppl.png"))
     return text
@@ -669,8 +670,8 @@ def main(argv=None):
            "models": args.models, "runs": runs, "args": vars(args),
            "tokens_per_update": args.batch_size * args.tokens_per_sample}
     evaluate_all(res, args)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(res, f, indent=1, default=str)
+    reporting.write_text(os.path.join(args.out, "results.json"),
+                         json.dumps(res, indent=1, default=str))
     print(write_report(res, args))
     print(f"written: {args.out}/results.md, results.json, valid_ppl.png, gen_ppl.png")
 
