@@ -1,6 +1,7 @@
 """What the comparison (examples/compare) and every benchmark report with: Markdown
 tables, number formatting, the machine / software / git description, paths made portable
-for committed results, and one plot style (the same colour for a model in every figure). No fairseq import; matplotlib is imported
+for committed results, and one plot style (the same colour and marker for a row in every
+figure). No fairseq import; matplotlib is imported
 only by :func:`pyplot`.
 """
 import datetime
@@ -13,16 +14,49 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from typing import Dict, Optional, Sequence
+from typing import Dict, NamedTuple, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# one colour per model and per MDLM sampler, in every figure
-COLOURS = {"mdlm": "tab:blue", "mdlm_tiny": "tab:blue", "mdlm_ar": "tab:green",
-           "mdlm_ar_tiny": "tab:green", "transformer_lm": "tab:red",
-           "ddpm": "tab:orange", "ddpm_cache": "tab:purple", "test data": "grey",
-           "bd3_tiny": "tab:cyan"}
+class Style(NamedTuple):
+    colour: str
+    marker: str
+
+
+# one (colour, marker) per row name of any comparison, the same in every figure; no two
+# models share a colour. A row MODEL@DROPOUT (examples/compare/long_runs.py) keeps its
+# model's colour and takes a marker of its dropout from VARIANT_MARKERS instead.
+STYLES = {
+    "mdlm": Style("tab:blue", "o"), "mdlm_ar": Style("tab:green", "s"),
+    "transformer_lm": Style("tab:red", "^"), "sedd": Style("tab:orange", "D"),
+    "mdlm_discrete": Style("tab:brown", "v"), "mdlm_iid": Style("tab:pink", "P"),
+    "mdlm_timecond": Style("tab:olive", "X"), "bd3_1": Style("darkgoldenrod", "8"),
+    "bd3_2": Style("teal", "d"), "bd3_4": Style("tab:purple", "<"),
+    "bd3_8": Style("tab:cyan", ">"), "bd3_16": Style("navy", "h"),
+    "bd3_32": Style("crimson", "H"), "test data": Style("tab:gray", "_"),
+    # the benchmarks' names: models by architecture, MDLM samplers
+    "mdlm_tiny": Style("tab:blue", "o"), "mdlm_ar_tiny": Style("tab:green", "s"),
+    "bd3_tiny": Style("navy", "h"), "ddpm": Style("tab:orange", "o"),
+    "ddpm_cache": Style("tab:purple", "s"), "first_hitting": Style("tab:brown", "D"),
+    "remdm": Style("tab:olive", "v"), "confidence": Style("tab:pink", "^"),
+    "analytic": Style("tab:cyan", "P"),
+}
+# markers of MODEL@DROPOUT rows, by round(10 x dropout) mod 5: dropouts 0, 0.1, ..., 0.4
+# apart; none is a model's own marker
+VARIANT_MARKERS = ("*", "p", "d", "8", "H")
+UNKNOWN = Style("black", "x")
+COLOURS = {name: s.colour for name, s in STYLES.items()}
+
+
+def style(row: str) -> Style:
+    """The (colour, marker) of a row name: ``mdlm``, ``bd3_16``, ``mdlm_ar@0.3``, ...;
+    black crosses for a name the table lacks."""
+    model, at, dropout = row.partition("@")
+    base = STYLES.get(model, UNKNOWN)
+    if not at:
+        return base
+    return Style(base.colour, VARIANT_MARKERS[round(10 * float(dropout)) % len(VARIANT_MARKERS)])
 
 
 # --------------------------------------------------------------------------- numbers, tables
@@ -220,7 +254,8 @@ def bars(ax, names: Sequence[str], heights: Sequence[float],
          runs: Sequence[Sequence[float]] = (), ylabel: str = ""):
     """One bar per model in its colour over its name, and each run's value as a black dot
     on its model's bar ("individual runs" in the legend). Returns the bars."""
-    drawn = ax.bar(range(len(names)), heights, color=[COLOURS[n] for n in names], width=0.6)
+    drawn = ax.bar(range(len(names)), heights, color=[style(n).colour for n in names],
+                   width=0.6)
     for x, ys in enumerate(runs):
         ax.scatter([x] * len(ys), ys, color="black", s=14, zorder=3,
                    label="individual runs" if x == 0 else None)
@@ -230,9 +265,30 @@ def bars(ax, names: Sequence[str], heights: Sequence[float],
     return drawn
 
 
+def scale(ax, axis: str, values: Sequence[float]) -> None:
+    """A log ``axis`` ("x" or "y") when the positive ``values`` span more than 10x, with
+    plain labels at 1, 2, 3, 5 x 10^k and none on the minor ticks; linear otherwise (a log
+    axis over a narrow range has no decade to label and prints overlapping minor labels)."""
+    values = [v for v in values if v and v > 0]
+    if not values or max(values) <= 10 * min(values):
+        return
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    which = ax.xaxis if axis == "x" else ax.yaxis
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    which.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+    which.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.10g}"))
+    which.set_minor_formatter(NullFormatter())
+
+
+def legend_outside(ax, **kwargs) -> None:
+    """The legend to the right of the axes, where it covers no curve."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+              **{"fontsize": 7, **kwargs})
+
+
 def save_figure(fig, path: str, title: Optional[str] = None) -> None:
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")     # legends outside the axes included
     pyplot().close(fig)
