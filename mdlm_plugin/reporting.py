@@ -133,6 +133,15 @@ def portable_path(path: str, repos: Sequence[str] = (REPO,)) -> str:
     return path
 
 
+def local_path(recorded: str) -> str:
+    """A path as :func:`portable_path` recorded it, on this machine: ``$TMPDIR/x`` in the
+    temporary directory, a relative path in the repository (the form of everything the
+    repository's own scripts record there, run from its root)."""
+    if recorded.startswith("$TMPDIR/"):
+        return os.path.join(tempfile.gettempdir(), recorded[len("$TMPDIR/"):])
+    return recorded if os.path.isabs(recorded) else os.path.join(REPO, recorded)
+
+
 def portable(obj, repos: Sequence[str] = (REPO,)):
     """``obj`` (text, or lists / tuples / dicts of it, as results.json holds) with every
     absolute path in it made :func:`portable_path`; other values unchanged."""

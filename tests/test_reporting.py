@@ -53,6 +53,8 @@ def test_portable_paths():
             "MDLM/AR (1 - a) / b")
     assert reporting.portable(text) == ("python benchmarks/x.py --save-dir '$TMPDIR/a' "
                                         "1/t tokens/s MDLM/AR (1 - a) / b")
+    for path in (os.path.join(tmp, "x", "c.pt"), os.path.join(repo, "checkpoints", "c.pt")):
+        assert reporting.local_path(p(path)) == path        # and back, on this machine
     nested = {"cmd": [f"{repo}/mdlm_plugin", 3], "t": (f"{tmp}/b",)}
     assert reporting.portable(nested) == {"cmd": ["mdlm_plugin", 3], "t": ("$TMPDIR/b",)}
 
