@@ -59,12 +59,17 @@ def test_portable_paths():
     assert reporting.portable(nested) == {"cmd": ["mdlm_plugin", 3], "t": ("$TMPDIR/b",)}
 
 
-def test_a_recorded_run_is_reused_from_its_portable_command():
+def _compare():
     import importlib.util
     spec = importlib.util.spec_from_file_location(
         "compare_for_reuse", REPO / "examples" / "compare" / "compare.py")
     compare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(compare)
+    return compare
+
+
+def test_a_recorded_run_is_reused_from_its_portable_command():
+    compare = _compare()
     args = compare.parse_args(["--data", str(REPO / "data-bin" / "ptb")])
     cmd = compare.train_command("mdlm", args, "/somewhere/mdlm")
     recorded = json.loads(json.dumps(reporting.portable([str(t) for t in cmd])))
@@ -72,6 +77,23 @@ def test_a_recorded_run_is_reused_from_its_portable_command():
     assert compare.recipe(recorded) == compare.recipe(cmd)
     assert compare.recipe(recorded) != compare.recipe(
         compare.train_command("mdlm", args, "/somewhere/mdlm", seed=2))
+
+
+@pytest.mark.parametrize("name", ["ptb", "ptb_samplers"])
+def test_the_committed_comparisons_runs_are_reused_by_their_recorded_command(name):
+    """Their commands as recorded (portable paths) rebuild recipes that --reuse matches:
+    every run is taken as recorded, the AR judges' first seeds by their recorded ppl."""
+    import shlex
+    compare = _compare()
+    path = REPO / "examples" / "compare" / "results" / name / "results.json"
+    res = reporting.read_json(path)
+    args = compare.parse_args(shlex.split(res["command"])[2:] + ["--reuse", str(path)])
+    for model, runs in res["runs"].items():
+        for run in runs:
+            got = compare.reusable(model, run["training"]["seed"], args)
+            assert got.get("test", got.get("judge_recorded")) is not None, (model, run)
+            assert ("judge_recorded" in got) == (
+                compare.evaluator(model) == "eval_lm" and run["training"]["seed"] == 1)
 
 
 def _results_files():
