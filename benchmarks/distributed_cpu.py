@@ -10,6 +10,7 @@ import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,7 +18,7 @@ sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]
 import measure  # noqa: E402
 from mdlm_plugin import recipes, reporting  # noqa: E402
 
-WORK = "/tmp/mdlm_dist_bench"
+WORK = os.path.join(tempfile.gettempdir(), "mdlm_dist_bench")
 FLAGS = {"--updates": (int, 30, None), "--log-interval": (int, 5, None),
          "--repeats": (int, 2, None), "--nprocs": (int, 2, None),
          "--batch-size": (int, 32, "global batch (sequences)"),

@@ -11,6 +11,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -56,7 +57,7 @@ FLAGS = {"--smoke": (bool, False, "tiny models and data on CPU"),
          "--models": (str, "mdlm,transformer_lm", None), "--num-workers": (int, 2, None),
          "--peak-tflops": (float, None, "peak dense bf16 TFLOP/s (default: from the GPU name)"),
          "--run-timeout": (int, 240, "seconds per run"),
-         "--workdir": (str, "/tmp/mdlm_gpu_mfu", None),
+         "--workdir": (str, os.path.join(tempfile.gettempdir(), "mdlm_gpu_mfu"), None),
          "--output-dir": (str, None, "default benchmarks/results/gpu (--smoke: WORKDIR/...)")}
 SMOKE = dict(vocab=500, corpus_tokens=60_000, seq_len=64, batch_size=4, layers=2, dim=64,
              heads=2, ffn=256, warmup_updates=2, updates=6, log_interval=2, num_workers=0,

@@ -13,6 +13,8 @@ from typing import Callable, Dict, List, Optional
 
 import psutil
 
+from mdlm_plugin import reporting
+
 
 def parser(doc: str, flags: Dict[str, tuple], data: Optional[tuple] = None):
     """An argument parser described by the first paragraph of ``doc``: the optional
@@ -166,7 +168,7 @@ def run_logged(cmd: List[str], log_file: str, env: Dict[str, str], cwd: str, tim
     try:
         with open(log_file, "w") as log:
             for line in proc.stdout:
-                log.write(line)
+                log.write(reporting.portable(line))     # logs are committed with results
                 lines.append(line)
                 on_line(line, proc.pid)
         _, status, usage = os.wait4(proc.pid, 0)

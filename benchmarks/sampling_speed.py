@@ -15,6 +15,7 @@ import math
 import os
 import shlex
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
 from typing import Dict, List, Optional
@@ -26,7 +27,7 @@ from mdlm_plugin import recipes, reporting  # noqa: E402
 from mdlm_plugin.generative_eval import batches  # noqa: E402
 from mdlm_plugin.reporting import COLOURS, column_table, md_table, pct  # noqa: E402
 
-TRAIN_DIR = "/tmp/mdlm_sampling_speed"
+TRAIN_DIR = os.path.join(tempfile.gettempdir(), "mdlm_sampling_speed")
 SAMPLERS = ("ddpm", "ddpm_cache")
 AR_MODELS = ("transformer_lm", "mdlm_ar_tiny")
 FAMILY = {"mdlm_tiny": "mdlm", "mdlm_ar_tiny": "mdlm_ar", "transformer_lm": "transformer_lm",
@@ -536,8 +537,8 @@ def plot(res, path: str) -> None:
     plot_samplers(ax1, ax2, res["speed_vs_ar"])
     if d:
         ax2.axhline(d["entropy"], color="black", ls="--", label=f"PTB {d['split']} data")
-    ax1.set(xscale="log", yscale="log", xlabel="MDLM diffusion steps T",
-            ylabel="seconds per sample")
+    ax1.set(xscale="log", xlabel="MDLM diffusion steps T", ylabel="seconds per sample")
+    reporting.scale(ax1, "y", [y for line in ax1.get_lines() for y in line.get_ydata()])
     ax1.set_title(f"{s['samples']} samples x {s['length']} tokens, batch {s['batch_size']}",
                   fontsize=10)
     ax2.set(xscale="log", xlabel="MDLM diffusion steps T",

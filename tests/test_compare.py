@@ -16,6 +16,7 @@ from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel
 from conftest import REPO
 from mdlm_plugin.generative_eval import (ar_block_perplexity, ar_samples, ar_sequence_nll,
                                          generative_perplexity)
+from mdlm_plugin.reporting import local_path
 
 
 class BigramDecoder(FairseqIncrementalDecoder):
@@ -170,8 +171,8 @@ def check_reuse_and_zero_shot(cmd, res, out2, data):
     """The same command again reuses finished runs (seed 2: its own directory), also one
     without compare.py's record (a run made by hand: its checkpoint is kept, not trained
     on); zero-shot scores every token of the other corpus, a bound for MDLM."""
-    os.remove(os.path.join(os.path.dirname(res["runs"]["mdlm"][1]["training"]["checkpoint"]),
-                           "train_done.json"))
+    recorded = local_path(res["runs"]["mdlm"][1]["training"]["checkpoint"])
+    os.remove(os.path.join(os.path.dirname(recorded), "train_done.json"))
     again = cmd[:cmd.index("--models")] + ["--models", "mdlm", "--seeds", "2",
                                            "--zero-shot", str(data), "--out", str(out2)]
     proc = subprocess.run(again, capture_output=True, text=True, timeout=600)
@@ -198,9 +199,10 @@ def check_reuse_across_machines(cmd, res, old_json, tmp_path):
     mdlm = new["runs"]["mdlm"]
     assert ["reused_from" in r for r in mdlm] == [True, True, False]
     assert [r["test"]["ppl"] for r in mdlm[:2]] == [r["test"]["ppl"] for r in res["runs"]["mdlm"]]
-    assert os.path.isfile(mdlm[2]["training"]["checkpoint"])
+    assert os.path.isfile(local_path(mdlm[2]["training"]["checkpoint"]))
     judge, old_judge = new["runs"]["mdlm_ar"][0], res["runs"]["mdlm_ar"][0]
-    assert "reused_from" not in judge and os.path.isfile(judge["training"]["checkpoint"])
+    assert "reused_from" not in judge
+    assert os.path.isfile(local_path(judge["training"]["checkpoint"]))
     assert judge["test"]["ppl"] == pytest.approx(old_judge["test"]["ppl"], rel=1e-6)
     rows = {(r["source"], r["sampler"], r["steps"]): r for r in new["generation"]["rows"]}
     old_rows = {(r["source"], r["sampler"], r["steps"]): r for r in res["generation"]["rows"]}

@@ -21,6 +21,7 @@ import os
 import re
 import shlex
 import sys
+import tempfile
 
 import pytest
 import yaml
@@ -46,6 +47,7 @@ def _normalise(cmd):
     for token in map(str, cmd):
         token = token.replace(os.path.dirname(sys.executable), "<bin>")
         token = token.replace(str(REPO / "mdlm_plugin"), "<plugin>").replace(str(REPO), "<repo>")
+        token = token.replace(tempfile.gettempdir(), "<tmp>")
         out.append(token)
     return out
 

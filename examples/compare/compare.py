@@ -29,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)     # this checkout's mdlm_plugin, installed or not
 from mdlm_plugin import recipes, reporting  # noqa: E402
 from mdlm_plugin.diffusion.samplers import SAMPLERS  # noqa: E402
-from mdlm_plugin.reporting import COLOURS, md_table  # noqa: E402
+from mdlm_plugin.reporting import md_table  # noqa: E402
 
 MODELS = ("mdlm", "mdlm_ar", "transformer_lm")     # the default rows
 # published numbers, for scale (Sahoo et al. 2024, Table 1: LM1B test perplexity, 110M
@@ -219,9 +219,11 @@ def train_command(model: str, args, save_dir: str, seed: int = 1) -> List[str]:
 
 def recipe(cmd: List[str]) -> List[str]:
     """A training command without where it logs, saves and finds the plugin: runs that
-    differ only there trained the same model."""
+    differ only there trained the same model. Paths compare in their recorded (portable)
+    form: ``fairseq-train`` for the executable, data relative to the repository."""
     where = {"--log-format", "--save-dir", "--user-dir"}
-    return [str(t) for i, t in enumerate(cmd) if t not in where and not (i and cmd[i - 1] in where)]
+    return [reporting.portable(str(t)) for i, t in enumerate(cmd)
+            if t not in where and not (i and cmd[i - 1] in where)]
 
 
 def reusable(model: str, seed: int, args) -> Optional[Dict]:
@@ -612,48 +614,70 @@ def report(res: Dict, args) -> str:
 def plot_valid(res: Dict, path: str) -> None:
     """Validation perplexity (mean over seeds) against tokens seen, one line per row."""
     plt = reporting.pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ys = []
     for m in res["models"]:
         curves = [dict(map(tuple, r["training"]["valid_curve"])) for r in res["runs"][m]]
         ups = sorted(set.intersection(*(set(c) for c in curves)))
-        ax.plot([u * res["tokens_per_update"] for u in ups],
-                [statistics.fmean(c[u] for c in curves) for u in ups], marker="o",
-                color=COLOURS.get(m), label=m + (" (bound)" if evaluator(m) == "validate" else ""))
-    ax.set(xlabel="tokens seen", ylabel="validation perplexity", yscale="log",
-           title=f"{res['corpus']}: validation perplexity vs tokens")
-    ax.legend(fontsize=7)
+        ys += [statistics.fmean(c[u] for c in curves) for u in ups]
+        st = reporting.style(m)
+        ax.plot([u * res["tokens_per_update"] / 1e6 for u in ups], ys[len(ys) - len(ups):],
+                marker=st.marker, ms=5, color=st.colour,
+                label=m + (" (bound)" if evaluator(m) == "validate" else ""))
+    ax.set(xlabel="training tokens seen (millions)", ylabel="validation perplexity (per token)",
+           title=f"{res['corpus'].upper()}: validation perplexity vs training tokens "
+           "(mean over seeds)")
+    reporting.scale(ax, "y", ys)
+    if not ys:
+        ax.text(0.5, 0.5, "no validation curve recorded\n(runs taken from an earlier comparison)",
+                ha="center", va="center", transform=ax.transAxes)
+    reporting.legend_outside(ax)
     reporting.save_figure(fig, path)
 
 
 def plot_generation(res: Dict, path: str) -> None:
     """Generative perplexity against network calls per sample, one panel per AR judge,
-    one line per (model, sampler); AR samples and test data as horizontal references."""
+    one line per (model, sampler): the model's colour and marker (the sampler's, for a
+    model sampled several ways) and the sampler's line style; AR samples and test data as
+    dotted horizontal references."""
     plt = reporting.pyplot()
     g = res["generation"]
     judges = g["judges"] or ["none"]
-    fig, axes = plt.subplots(1, len(judges), figsize=(6 * len(judges), 4), squeeze=False)
+    dashes = {}
+    fig, axes = plt.subplots(1, len(judges), figsize=(7 * len(judges), 4.5), squeeze=False)
     for ax, j in zip(axes[0], judges):
-        lines: Dict[str, List] = {}
+        lines: Dict[tuple, List] = {}
+        ys = []
         for r in g["rows"]:
             y = statistics.fmean(x["gen_ppl"][j] for x in r["by_seed"])
+            ys.append(y)
             if r["sampler"] in (None, "ancestral"):
-                ax.axhline(y, color=COLOURS.get(r["source"], "black"), linestyle=":",
+                ax.axhline(y, color=reporting.style(r["source"]).colour, linestyle=":",
                            label=f"{r['source']} samples" if r["sampler"] else r["source"])
             else:
                 calls = statistics.fmean(x["calls_per_sample"] for x in r["by_seed"])
-                lines.setdefault(f"{r['source']}, {r['sampler']}", []).append((calls, y))
-        for label, pts in lines.items():
-            ax.plot(*zip(*sorted(pts)), marker="o", label=label)
-        ax.set(xlabel="network calls per sample", ylabel=f"generative perplexity ({j})",
-               xscale="log" if lines else "linear", yscale="log")
-        ax.legend(fontsize=6)
-    reporting.save_figure(fig, path, f"{res['corpus']}: generative perplexity vs network calls")
+                lines.setdefault((r["source"], r["sampler"]), []).append((calls, y))
+        sources = [source for source, _ in lines]
+        for (source, sampler), pts in lines.items():
+            # a model sampled several ways: each sampler's own style tells them apart
+            st = reporting.style(source if sources.count(source) == 1 else sampler)
+            ls = dashes.setdefault(sampler, ("-", "--", "-.", (0, (5, 1, 1, 1, 1, 1)))[
+                len(dashes) % 4])
+            ax.plot(*zip(*sorted(pts)), marker=st.marker, color=st.colour, linestyle=ls,
+                    label=f"{source}, {sampler}")
+        ax.set(xlabel="network calls per sample", title=f"judged by {j}",
+               ylabel=f"generative perplexity ({j})")
+        reporting.scale(ax, "x", [x for pts in lines.values() for x, _ in pts])
+        reporting.scale(ax, "y", ys)
+        reporting.legend_outside(ax, fontsize=6)
+    reporting.save_figure(fig, path, f"{res['corpus'].upper()}: generative perplexity of "
+                          f"{res['args'].get('samples', '')} unconditional samples "
+                          "vs network calls per sample")
 
 
 def write_report(res: Dict, args) -> str:
     text = report(res, args)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text + "\n")
+    reporting.write_text(os.path.join(args.out, "results.md"), text + "\n")
     plot_valid(res, os.path.join(args.out, "valid_ppl.png"))
     plot_generation(res, os.path.join(args.out, "gen_ppl.png"))
     return text
@@ -686,8 +710,8 @@ def main(argv=None):
            "models": args.models, "runs": runs, "args": vars(args),
            "tokens_per_update": args.batch_size * args.tokens_per_sample}
     evaluate_all(res, args)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(res, f, indent=1, default=str)
+    reporting.write_text(os.path.join(args.out, "results.json"),
+                         json.dumps(res, indent=1, default=str))
     print(write_report(res, args))
     print(f"written: {args.out}/results.md, results.json, valid_ppl.png, gen_ppl.png")
 

@@ -93,15 +93,20 @@ def report(res: dict, out: str = OUT) -> None:
                     f"{statistics.stdev(r['test_ppl'] for r in g):.1f} sd" for name, g in groups
                     if len(g) > 1] + ["", "![validation curves](valid_curves.png)", ""]
     reporting.write_text(os.path.join(out, "results.md"), "\n".join(lines))
-    fig, ax = reporting.pyplot().subplots(figsize=(6.5, 4))
+    fig, ax = reporting.pyplot().subplots(figsize=(7, 4))
+    colours = {}                    # one colour per seed, one marker and line style per arm
     for r in res["runs"]:
         style = "-" if r["arm"] == "keyed" else ":" if r["noise"] == "own" else "--"
-        ax.plot(*zip(*r["valid_curve"]), style, marker="o", ms=3,
-                label=f"{r['arm']} seed {r['seed']}")
-    ax.set(xlabel="updates", ylabel="validation bound (perplexity)", yscale="log")
-    ax.legend(fontsize=7)
+        colour = colours.setdefault(r["seed"], f"C{len(colours) % 10}")
+        ax.plot(*zip(*r["valid_curve"]), style, color=colour, ms=4,
+                marker="o" if r["arm"] == "keyed" else "s", label=f"{r['arm']} seed {r['seed']}")
+    ax.set(xlabel="updates (32 x 128 tokens each)",
+           ylabel="validation bound (perplexity per token)")
+    reporting.scale(ax, "y", [y for r in res["runs"] for _, y in r["valid_curve"]])
+    reporting.legend_outside(ax)
     reporting.save_figure(fig, os.path.join(out, "valid_curves.png"),
-                          "MDLM on PTB: keyed (solid) vs global-stream noise (dashed: shared)")
+                          "MDLM on PTB, validation bound: keyed (solid) vs global-stream noise "
+                          "(dashed: shared sequence, dotted: its own)")
 
 
 def main(argv=None):
