@@ -52,11 +52,13 @@ COLOURS = {name: s.colour for name, s in STYLES.items()}
 def style(row: str) -> Style:
     """The (colour, marker) of a row name: ``mdlm``, ``bd3_16``, ``mdlm_ar@0.3``, ...;
     black crosses for a name the table lacks."""
+    row, tuned, _ = row.partition("~")         # MODEL@DROPOUT~SOURCE: fine-tuned from SOURCE
     model, at, dropout = row.partition("@")
     base = STYLES.get(model, UNKNOWN)
     if not at:
         return base
-    return Style(base.colour, VARIANT_MARKERS[round(10 * float(dropout)) % len(VARIANT_MARKERS)])
+    k = round(10 * float(dropout)) + (len(VARIANT_MARKERS) // 2 if tuned else 0)
+    return Style(base.colour, VARIANT_MARKERS[k % len(VARIANT_MARKERS)])
 
 
 # --------------------------------------------------------------------------- numbers, tables

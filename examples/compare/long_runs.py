@@ -423,58 +423,36 @@ def report(res: Dict) -> str:
                      + ["Plot: `curves.png`.", ""])
 
 
-def style(names: List[str]) -> Dict[str, Dict]:
-    """One colour per model, one marker per dropout: rows stay apart in every panel."""
-    models = sorted({n.split("@")[0] for n in names})
-    drops = sorted({n.split("@")[1] for n in names})
-    colours = [reporting.COLOURS.get(m) for m in models]
-    spare = iter(c for c in (f"C{i}" for i in range(10)) if c not in colours)
-    colour = {m: c or next(spare) for m, c in zip(models, colours)}
-    return {n: {"color": colour[n.split("@")[0]], "marker": "osD^v"[drops.index(
-        n.split("@")[1]) % 5], "label": n} for n in names}
-
-
 def plot(res: Dict, path: str) -> None:
     """Test perplexity against tokens seen; each diffusion row over the chosen AR row at
     the same points; validation perplexity against epochs."""
     plt = reporting.pyplot()
     rows, per = res["rows"], res["tokens_per_update"]
-    st = style(list(rows))
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     ar = rows.get(chosen(rows).get("mdlm_ar", ""), {}).get("points", {})
+    ys: List[List[float]] = [[], [], []]
     for name, rec in rows.items():
+        st = reporting.style(name)
+        kw = {"color": st.colour, "marker": st.marker, "label": name}
         pts = sorted((int(u), p["test"]["ppl"]) for u, p in rec["points"].items())
-        if pts:
-            axes[0].plot([u * per / 1e6 for u, _ in pts], [y for _, y in pts], **st[name])
         ratio = [(u * per / 1e6, y / ar[str(u)]["test"]["ppl"]) for u, y in pts
                  if rec["bound"] and str(u) in ar]
-        if ratio:
-            axes[1].plot(*zip(*ratio), **st[name])
-        curve = rec.get("valid_curve") or []
-        if curve:
-            axes[2].plot([u * per / res["train_tokens"] for u, _ in curve],
-                         [y for _, y in curve], markersize=3, **st[name])
-    axes[0].set(xlabel="tokens seen (millions)", ylabel="test perplexity (diffusion: bound)",
-                yscale="log", title="test split")
+        curve = [(u * per / res["train_tokens"], y) for u, y in rec.get("valid_curve") or []]
+        for ax, line, y in zip(axes, ([(u * per / 1e6, y) for u, y in pts], ratio, curve), ys):
+            if line:
+                ax.plot(*zip(*line), markersize=4, **kw)
+                y += [v for _, v in line]
     axes[1].axhline(1.0, color="grey", linestyle=":")
-    axes[1].set(xlabel="tokens seen (millions)", ylabel="perplexity / chosen AR's",
-                title="diffusion rows over the chosen AR row")
-    axes[2].set(xlabel="epochs", ylabel="validation perplexity (diffusion: bound)",
-                yscale="log", title="validation split")
-    for ax in axes:
-        readable_log_ticks(ax)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    reporting.save_figure(fig, path, f"{res['name']}: {res['args']['data']}")
-
-
-def readable_log_ticks(ax) -> None:
-    """Plain numbers at 1, 2, 5 x 10^k on a log y axis (a short range has no decade)."""
-    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullLocator
-    if ax.get_yscale() == "log":
-        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_locator(NullLocator())
+    for ax, y, (xlabel, ylabel, title) in zip(axes, ys, (
+            ("tokens seen (millions)", "test perplexity (diffusion: bound)", "test split"),
+            ("tokens seen (millions)", "test perplexity / chosen AR row's",
+             "diffusion rows over the chosen AR row"),
+            ("epochs", "validation perplexity (diffusion: bound)", "validation split"))):
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        reporting.scale(ax, "y", y)
+    reporting.legend_outside(axes[2])
+    reporting.save_figure(fig, path, f"{res['name']}: {res['args']['data']}, "
+                          "one training seed per row")
 
 
 def render(res: Dict, out: str) -> str:
