@@ -123,16 +123,22 @@ class NelboTerms:
 def corrupt(x: torch.Tensor, schedule: NoiseSchedule, mask_index: int,
             pad_mask: Optional[torch.Tensor] = None, *, discrete_steps: int = 0,
             antithetic: bool = True, eps_t: float = 1e-3,
-            generator: Optional[torch.Generator] = None, t: Optional[torch.Tensor] = None):
+            generator: Optional[torch.Generator] = None, t: Optional[torch.Tensor] = None,
+            z_t: Optional[torch.Tensor] = None):
     """One draw of the forward process on a batch ``x`` (B, L): the times ``t`` (B,)
-    (drawn by ``sample_times`` unless given) and ``(z_t, masked)`` of ``mask_tokens``.
-    Returns ``(pad_mask, t, z_t, masked)``; shared by every bound in the package."""
+    (drawn by ``sample_times`` unless given) and ``(z_t, masked)`` of ``mask_tokens``
+    (unless ``z_t`` is given: a draw made elsewhere, e.g. by the reference code, with
+    ``t`` its times). Returns ``(pad_mask, t, z_t, masked)``; shared by every bound in
+    the package."""
     if pad_mask is None:
         pad_mask = torch.zeros_like(x, dtype=torch.bool)
     if t is None:
         t = sample_times(x.size(0), antithetic=antithetic, eps_t=eps_t,
                          discrete_steps=discrete_steps, device=x.device, generator=generator)
-    z_t, masked = mask_tokens(x, t, schedule, mask_index, pad_mask, generator)
+    if z_t is None:
+        z_t, masked = mask_tokens(x, t, schedule, mask_index, pad_mask, generator)
+    else:
+        masked = z_t.eq(mask_index) & ~pad_mask
     return pad_mask, t, z_t, masked
 
 
@@ -151,11 +157,12 @@ def nelbo(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, mask_ind
           pad_mask: Optional[torch.Tensor] = None, *, discrete_steps: int = 0,
           antithetic: bool = True, eps_t: float = 1e-3,
           generator: Optional[torch.Generator] = None,
-          t: Optional[torch.Tensor] = None) -> NelboTerms:
+          t: Optional[torch.Tensor] = None, z_t: Optional[torch.Tensor] = None) -> NelboTerms:
     """Rao-Blackwellized NELBO of a batch ``x`` (B, L), one draw of t and of masks
     (pass ``t`` (B,) to fix the times instead of drawing them; ``t`` (B, L) gives
     each token its own time, as block diffusion does per block: ``sigma`` is then
-    passed to the denoiser per token too).
+    passed to the denoiser per token too; pass ``t`` and ``z_t`` to score a draw of
+    the forward process made elsewhere).
 
     Sum over masked positions of  w(t) * -log x_theta(z_t)[x]  in fp32; unmasked
     positions contribute exactly 0 under SUBS and padding never counts. Divide
@@ -163,7 +170,7 @@ def nelbo(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, mask_ind
     """
     pad_mask, t, z_t, masked = corrupt(x, schedule, mask_index, pad_mask,
                                        discrete_steps=discrete_steps, antithetic=antithetic,
-                                       eps_t=eps_t, generator=generator, t=t)
+                                       eps_t=eps_t, generator=generator, t=t, z_t=z_t)
     sigma = schedule.sigma(t)
     logits = denoiser(z_t, sigma, masked)
     lp = log_probs_without_mask(logits, mask_index)

@@ -6,6 +6,11 @@ gate from a conditioning vector) -> attention with rotary q/k through
 ``scaled_dot_product_attention`` (bidirectional, or causal for the AR twin) ->
 gated residual; then the same around a 4x GELU(tanh) MLP.
 
+``logit_mask`` (a buffer, in every checkpoint) is added to the logits: 0 for a
+symbol the model may predict, -inf for one it must never predict (a converted
+model's rows that its training never saw, see ``mdlm_plugin/convert.py``). It is
+all zeros unless set, and checkpoints saved before it existed load with zeros.
+
 The conditioning vector comes from the noise level sigma through a sinusoidal
 embedding and an MLP. Without time conditioning (the paper's default) sigma is
 replaced by 0, so the vector is a learned constant and the output depends on the
@@ -268,6 +273,17 @@ class DiT(nn.Module):
             DiTBlock(dim, heads, cond_dim, dropout, causal) for _ in range(layers))
         self.final = FinalLayer(dim, vocab_size, cond_dim)
         self.dropout = dropout
+        # a float buffer (fairseq's EMA averages every float state entry: -inf stays -inf)
+        self.register_buffer("logit_mask", torch.zeros(vocab_size))
+
+    def never_predict(self, symbols) -> None:
+        """Give the logits of ``symbols`` (ids) -inf from now on (saved with the model)."""
+        self.logit_mask[torch.as_tensor(list(symbols), dtype=torch.long)] = float("-inf")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before logit_mask existed: nothing is masked
+        state_dict.setdefault(prefix + "logit_mask", torch.zeros_like(self.logit_mask))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def condition(self, batch: int, sigma=None, device=None):
         """The adaLN conditioning vector: (B, C) from sigma with time conditioning, or
@@ -322,7 +338,7 @@ class DiT(nn.Module):
     def _head(self, x, c, positions):
         """Logits (B, L, V), or (N, V) at ``positions``; c (B or 1, C) or (B, L, C)."""
         if positions is None:
-            return self.final(x, c)
+            return self.final(x, c) + self.logit_mask
         h, rows = x[positions], None
         if c.dim() == 3:                       # per-position conditioning (block diffusion)
             c = c[positions]
@@ -339,7 +355,7 @@ class DiT(nn.Module):
                 c = F.pad(c, (0, 0, 0, MIN_HEAD_ROWS - n))
             else:
                 rows = F.pad(rows, (0, MIN_HEAD_ROWS - n))
-        return self.final(h, c, rows)[:n]
+        return self.final(h, c, rows)[:n] + self.logit_mask
 
     def forward_blocks(self, z_t, x, block_size: int, sigma=None, padding_mask=None,
                        positions=None):
