@@ -20,10 +20,12 @@ import torch
 from fairseq import checkpoint_utils, metrics
 from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum
+from fairseq.models import ARCH_MODEL_REGISTRY
 
 from ..diffusion import sdtt
 from ..diffusion.samplers import SamplerError
 from ..errors import MDLMUserError
+from ..models.mdlm import MDLMModel
 from .bound import BoundCriterionConfig
 from .mdlm import MDLMCriterion
 
@@ -92,10 +94,12 @@ class SDTTCriterion(MDLMCriterion):
             raise MDLMUserError(f"--teacher-path {self.teacher_path}: cannot read the "
                                 f"checkpoint ({e})") from None
         cfg = state["cfg"]
-        if (cfg["model"].get("_name") or "") != "mdlm":
-            raise MDLMUserError(f"the teacher {self.teacher_path} is a "
-                                f"{cfg['model'].get('_name')!r} model; SDTT distils an "
-                                f"'mdlm' model into a student of the same architecture")
+        arch = cfg["model"].get("_name")
+        if not isinstance(student, MDLMModel) or \
+                not issubclass(ARCH_MODEL_REGISTRY.get(arch, object), MDLMModel):
+            raise MDLMUserError(f"the teacher {self.teacher_path} is a {arch!r} model and the "
+                                f"student a {type(student).__name__}; SDTT distils an 'mdlm' "
+                                f"model into a student of the same architecture")
         theirs = {f: cfg["model"].get(f) for f in ARCH_FIELDS}
         ours = {f: getattr(student.cfg, f, None) for f in ARCH_FIELDS}
         differ = [f"{f} {theirs[f]} (teacher) vs {ours[f]} (student)"
