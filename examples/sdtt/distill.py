@@ -97,12 +97,14 @@ def teacher_flags(path: str) -> List[str]:
     """The fairseq-train flags that rebuild the teacher's model and task."""
     import torch
     cfg = torch.load(path, map_location="cpu", weights_only=False)["cfg"]
+    from fairseq.models import ARCH_MODEL_REGISTRY
+    from mdlm_plugin.models.mdlm import MDLMModel
     model, task = cfg["model"], cfg["task"]
-    if model.get("_name") != "mdlm":
+    if not issubclass(ARCH_MODEL_REGISTRY.get(model.get("_name"), object), MDLMModel):
         raise DistillError(f"--teacher {path} is a {model.get('_name')!r} model, not mdlm")
     if model.get("block_size"):
         raise DistillError("block diffusion teachers are not supported (docs/sdtt.md)")
-    flags = ["--arch", model.get("arch") or "mdlm_base"]
+    flags = ["--arch", model["_name"]]
     for name in MODEL_FLAGS:
         flags += [f"--{name.replace('_', '-')}", str(model[name])]
     if model.get("time_conditioning"):
@@ -234,6 +236,8 @@ def report(args, rounds, rows, machine) -> str:
 
 
 def plot(rows, path: str) -> None:
+    import logging
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)   # fairseq logs at DEBUG
     plt = reporting.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for key, ax, label in (("gen_ppl", axes[0], "generative perplexity (AR judge)"),
