@@ -1,1 +1,1 @@
-from . import mdlm, sedd  # noqa: F401
+from . import mdlm, sdtt, sedd  # noqa: F401

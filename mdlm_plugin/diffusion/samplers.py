@@ -212,7 +212,8 @@ def _transition(sampler: str, schedule: NoiseSchedule, x: torch.Tensor,
     token at s is still clean at t.)
     """
     if sampler == "analytic":
-        sigma_t, sigma_s = schedule.sigma(t), schedule.sigma(s)
+        # t, s: scalars, or one time per row of x (N,) (distillation's per-row times)
+        sigma_t, sigma_s = schedule.sigma(t).reshape(-1, 1), schedule.sigma(s).reshape(-1, 1)
         jump = torch.expm1(sigma_t - sigma_s) * (x / torch.expm1(sigma_t))
         return jump.sum(-1), jump
     stay = schedule.mask_prob(s) / schedule.mask_prob(t)
@@ -273,7 +274,8 @@ class StepContext:
     and float64 clean-token distribution ``x`` (temperature, top-p) at the masked
     positions (row-major, N rows), ``given`` (the input's tokens: never change),
     ``scores`` (the log-probability each token had when it was drawn), and the random
-    stream (``uniforms``)."""
+    stream (``uniforms``). ``t`` and ``s`` are scalars in the sampling loop; the
+    ancestral rule also takes one time per masked position (N,) (``sdtt.py``)."""
 
     k: int
     t: torch.Tensor
