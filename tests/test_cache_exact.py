@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from conftest import USER_DIR, fairseq_cli
+from mdlm_plugin.diffusion.samplers import SamplerConfig, sample
+from mdlm_plugin.diffusion.schedules import build_schedule
 from mdlm_plugin.generator import MaskedDiffusionGenerator
 from mdlm_plugin.models.backbone import DiT
 from test_generation import _lines, cli, loaded, run_all  # noqa: F401  (loaded: a fixture)
@@ -77,6 +79,28 @@ def test_a_rows_output_does_not_depend_on_its_batch(time_conditioning):
             alone = [logits([r])[0] for r in range(8)]
             for rows in ([0, 1, 2], list(range(7)), list(range(8)), [5, 1], [3, 2, 7, 1]):
                 assert all(torch.equal(out, alone[r]) for r, out in zip(rows, logits(rows)))
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7, 8])
+def test_cache_equals_ddpm_bitwise_on_the_core(batch):
+    """The core sampler on a random DiT (no training needed): prompts, padding, single
+    masks, rows finishing at different steps; T = 40 > the 24 positions, so most steps
+    change no row and ddpm_cache reuses the rows' outputs."""
+    model, z = random_dit(False), mixed_rows()[:batch]
+    sched = build_schedule("loglinear")
+
+    def denoiser(zr, sigma, positions):
+        return model(zr, sigma=sigma, padding_mask=zr == PAD, positions=positions)
+
+    runs = {}
+    with torch.no_grad(), one_thread():
+        for name in ("ddpm", "ddpm_cache"):
+            runs[name] = sample(denoiser, z, SamplerConfig(sampler=name, steps=40), sched,
+                                MASK, torch.Generator().manual_seed(batch))
+    ddpm, cache = runs["ddpm"], runs["ddpm_cache"]
+    assert torch.equal(ddpm.tokens, cache.tokens) and torch.equal(ddpm.scores, cache.scores)
+    assert not bool((cache.tokens == MASK).any())
+    assert cache.row_calls < ddpm.row_calls and cache.prob_rows == ddpm.prob_rows
 
 
 def test_cache_equals_ddpm_bitwise_in_process(loaded):

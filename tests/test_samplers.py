@@ -7,7 +7,7 @@ import torch
 
 from mdlm_plugin.diffusion.samplers import (
     Confidence, ReMDM, SampleResult, SamplerConfig, SamplerError, StepContext, denoise_probs,
-    inverse_cdf, repeated_ngram_share, sample, sample_semi_ar, unigram_entropy, _transition,
+    inverse_cdf, repeated_ngram_share, sample, sample_semi_ar, unigram_entropy, _leave_probability,
 )
 from mdlm_plugin.diffusion.schedules import build_schedule
 
@@ -82,11 +82,15 @@ def chi2(tokens, probs):
 
 
 def tempered(p, temperature, top_p=1.0):
+    """The reference repositories' nucleus: the tokens whose cumulative mass (sorted
+    descending, themselves included) is <= top_p, and always the top one."""
     q = p[:, :MASK] ** (1.0 / temperature)
     q = q / q.sum(-1, keepdim=True)
     if top_p < 1.0:
         sq, order = q.sort(-1, descending=True)
-        keep = torch.zeros_like(q, dtype=torch.bool).scatter(-1, order, (sq.cumsum(-1) - sq) < top_p)
+        kept = sq.cumsum(-1) <= top_p
+        kept[:, 0] = True
+        keep = torch.zeros_like(q, dtype=torch.bool).scatter(-1, order, kept)
         q = torch.where(keep, q, torch.zeros_like(q))
         q = q / q.sum(-1, keepdim=True)
     return torch.cat([q, torch.zeros(L, 1, dtype=torch.float64)], 1)
@@ -111,7 +115,9 @@ def test_oracle_marginals(sampler, schedule, steps):
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "analytic"])
-@pytest.mark.parametrize("temperature,top_p", [(0.5, 1.0), (1.7, 1.0), (1.0, 0.7), (0.8, 0.9)])
+# cumulative masses (temperature 1) .4 .7 .85 .95; (0.8) .446 .757 .888 .967: no
+# top_p sits on a boundary, and each keeps one token fewer than the old rule
+@pytest.mark.parametrize("temperature,top_p", [(0.5, 1.0), (1.7, 1.0), (1.0, 0.75), (0.8, 0.9)])
 def test_temperature_and_top_p_marginals(sampler, temperature, top_p):
     p = marginals()
     cfg = SamplerConfig(sampler=sampler, steps=10, temperature=temperature, top_p=top_p)
@@ -132,13 +138,26 @@ def test_denoise_probs_exact():
     assert torch.allclose(x[0, :MASK], p, atol=1e-12)
     x = denoise_probs(logits, MASK, temperature=0.5)
     assert torch.allclose(x[0, :MASK], p ** 2 / (p ** 2).sum(), atol=1e-12)
-    # top-p keeps the smallest prefix with mass >= top_p
+    # top-p keeps the prefix whose cumulative mass is <= top_p, and the top token
     mass_top2 = float(p[:2].sum())
     x = denoise_probs(logits, MASK, top_p=mass_top2 - 1e-6)
-    assert (x[0] > 0).tolist() == [True, True, False, False, False, False]
+    assert (x[0] > 0).tolist() == [True, False, False, False, False, False]
     x = denoise_probs(logits, MASK, top_p=mass_top2 + 1e-6)
-    assert (x[0] > 0).tolist() == [True, True, True, False, False, False]
-    assert torch.allclose(x[0, :3], p[:3] / p[:3].sum(), atol=1e-12)
+    assert (x[0] > 0).tolist() == [True, True, False, False, False, False]
+    assert torch.allclose(x[0, :2], p[:2] / p[:2].sum(), atol=1e-12)
+    x = denoise_probs(logits, MASK, top_p=float(p[0]) / 2)         # the top token always
+    assert (x[0] > 0).tolist() == [True, False, False, False, False, False]
+
+
+def test_top_p_keeps_the_reference_set():
+    """(.5, .3, .15, .05) at p = 0.9: the reference repositories (kuleshov-group/remdm,
+    bd3lms: ``cumsum <= p``, top token kept) sample from (.625, .375, 0, 0), not from
+    (.526, .316, .158, 0) (the token whose mass crosses p kept too)."""
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0, 0.0], dtype=torch.float64).log()
+    logits[MASK] = 3.0
+    x = denoise_probs(logits.unsqueeze(0), MASK, top_p=0.9)[0]
+    want = torch.tensor([0.625, 0.375, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    assert torch.allclose(x, want, rtol=0, atol=1e-12)
 
 
 def test_inverse_cdf_never_draws_zero_weight():
@@ -200,18 +219,38 @@ def test_cache_equals_ddpm_with_fewer_calls():
     assert torch.equal(ddpm.scores, cache.scores) and bool((cache.scores < 0).all())
 
 
+@pytest.mark.parametrize("name", ["ddpm", "ddpm_cache", "analytic", "first_hitting", "remdm"])
+def test_a_step_that_draws_nothing_does_no_float64_work(name):
+    """float64 distributions over the vocabulary only where a token is drawn: one row
+    per token (T = 400 steps for 8 positions: most steps change no row), and for
+    ReMDM one per unmasking, remasked tokens drawn again."""
+    cfg = SamplerConfig(sampler=name, steps=400, remdm_eta=0.05, remdm_strategy="rescale")
+    z = all_masked(6)
+    z[1, :3] = 2
+    out = sample(Contextual(), z, cfg, build_schedule("loglinear"), MASK,
+                 torch.Generator().manual_seed(11), retain_history=True)
+    h = torch.stack(out.history)
+    unmasked = int(((h[:-1] == MASK) & (h[1:] != MASK)).sum()) + int((h[-1] == MASK).sum())
+    assert out.prob_rows == unmasked
+    if name != "remdm":
+        assert unmasked == int((z == MASK).sum())
+
+
 def test_analytic_kernel_equals_ddpm_kernel():
+    """The analytic (Tweedie) jump probabilities expm1(d) x[v] / expm1(sigma_t), summed
+    over v, are the ddpm kernel's probability of leaving the mask, and the token is
+    drawn from x in both."""
     x = torch.softmax(torch.randn(3, V, dtype=torch.float64), -1)
     for name in ("loglinear", "cosine", "linear", "geometric"):
         sched = build_schedule(name)
         ts = torch.linspace(1.0, 1e-5, 31, dtype=torch.float64)
         for t, s in zip(ts[:-1], ts[1:]):
-            m_d, w_d = _transition("ddpm", sched, x, t, s)
-            m_a, w_a = _transition("analytic", sched, x, t, s)
-            assert torch.allclose(m_a, m_d, rtol=1e-9, atol=1e-12)
-            assert torch.allclose(w_a / m_a[:, None], w_d, rtol=1e-9, atol=1e-12)
+            jump = torch.expm1(sched.sigma(t) - sched.sigma(s)) * x / torch.expm1(sched.sigma(t))
+            m_a = _leave_probability("analytic", sched, t, s)
+            assert torch.allclose(jump.sum(-1), m_a.expand(3), rtol=1e-9, atol=1e-12)
             stay = sched.mask_prob(s) / sched.mask_prob(t)
-            assert torch.allclose(m_d, 1 - stay.expand(3))
+            assert torch.allclose(_leave_probability("ddpm", sched, t, s), 1 - stay)
+            assert torch.allclose(m_a, 1 - stay, rtol=1e-9, atol=1e-12)
 
 
 def test_given_tokens_never_change_and_no_mask_survives():
@@ -392,34 +431,118 @@ def test_remdm_with_eta_zero_is_ddpm():
     assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].scores, runs[1].scores)
 
 
-def remdm_context(cfg, sched, z, given, x, scores):
-    masked = z == MASK
-    return StepContext(0, torch.tensor(0.6, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64),
-                       z, masked, given, None, x, scores, MASK, sched, torch.Generator().manual_seed(1))
+def remdm_context(sched, z, given, x, scores, chance, t, s):
+    """Step 0 from t to s; the network's distribution is ``x`` (V,) at every position."""
+    def probs_at(where):
+        return x.expand(int(where.sum()), -1)
+    return StepContext(0, torch.tensor(t, dtype=torch.float64), torch.tensor(s, dtype=torch.float64),
+                       z, z == MASK, given, scores, chance, MASK, sched,
+                       torch.Generator().manual_seed(1), probs_at)
 
 
-@pytest.mark.parametrize("strategy", ["cap", "rescale", "conf"])
-def test_remdm_one_step_probabilities(strategy):
-    """Position 0 decoded (token 2, drawn with probability 0.3), position 1 masked: the
-    frequencies of one step over many rows against the formulas, by hand."""
-    sched, n = build_schedule("loglinear"), 200000
-    cfg = SamplerConfig(sampler="remdm", remdm_strategy=strategy, remdm_eta=0.1)
-    z = torch.tensor([[2, MASK]]).expand(n, -1).clone()
-    given = torch.zeros(n, 2, dtype=torch.bool)
-    x1 = torch.tensor([0.5, 0.25, 0.125, 0.125, 0.0, 0.0], dtype=torch.float64)
-    scores = torch.tensor([[math.log(0.3), 0.0]]).expand(n, -1).clone()
-    new = ReMDM(cfg).step(remdm_context(cfg, sched, z, given, x1.expand(n, -1), scores))
-    a_t, a_s = float(sched.alpha(torch.tensor(0.6))), float(sched.alpha(torch.tensor(0.5)))
-    sigma_max = min(1.0, (1 - a_s) / a_t)
-    sigma = {"cap": min(0.1, sigma_max), "rescale": 0.1 * sigma_max, "conf": sigma_max}[strategy]
-    sigma_masked = 0.0 if strategy == "conf" else sigma      # conf: the only decoded token
-    remask = float((new[:, 0] == MASK).double().mean())
-    assert remask == pytest.approx(sigma, abs=4 * math.sqrt(sigma * (1 - sigma) / n))
+X1 = torch.tensor([0.5, 0.25, 0.125, 0.125, 0.0, 0.0], dtype=torch.float64)
+
+
+def one_remdm_step(cfg, t, s, n=200000):
+    """Positions 0 and 1 decoded (tokens 2 and 3, drawn with probabilities 0.3 and 0.6
+    under the distribution drawn from, 0.9 at temperature 1), position 2 masked."""
+    sched = build_schedule("loglinear")
+    z = torch.tensor([[2, 3, MASK]]).expand(n, -1).clone()
+    given = torch.zeros(n, 3, dtype=torch.bool)
+    scores = torch.tensor([[math.log(0.9), math.log(0.9), 0.0]]).expand(n, -1).clone()
+    chance = torch.tensor([[0.3, 0.6, 0.0]], dtype=torch.float64).expand(n, -1).clone()
+    new = ReMDM(cfg).step(remdm_context(sched, z, given, X1, scores, chance, t, s))
     assert bool((new[:, 0][new[:, 0] != MASK] == 2).all())
-    want = torch.cat([(a_s - (1 - sigma_masked) * a_t) * x1[:MASK],
+    assert bool((new[:, 1][new[:, 1] != MASK] == 3).all())
+    remask = [float((new[:, i] == MASK).double().mean()) for i in (0, 1)]
+    return new, remask
+
+
+def assert_masked_position(new, a_t, a_s, sigma_masked, n=200000):
+    want = torch.cat([(a_s - (1 - sigma_masked) * a_t) * X1[:MASK],
                       torch.tensor([1 - a_s - sigma_masked * a_t], dtype=torch.float64)]) / (1 - a_t)
-    got = torch.bincount(new[:, 1], minlength=V).double() / n
-    assert torch.allclose(got, want, atol=4 * math.sqrt(0.25 / n))
+    got = torch.bincount(new[:, 2], minlength=V).double() / n
+    assert torch.allclose(got, want, atol=4 * math.sqrt(0.25 / n)), (got, want)
+
+
+def close(freq, p, n=200000):
+    return abs(freq - p) <= 4 * math.sqrt(max(p * (1 - p), 1e-12) / n)
+
+
+@pytest.mark.parametrize("t,s", [(0.6, 0.5), (0.3, 0.2)])   # sigma_max clamped to 1; 0.286
+@pytest.mark.parametrize("strategy", ["cap", "rescale", "conf"])
+def test_remdm_one_step_probabilities(strategy, t, s):
+    """The frequencies of one step over many rows against the formulas, by hand. conf
+    weighs the decoded tokens by the probability under the distribution they were
+    drawn from (``chance``), not by their temperature-1 score."""
+    sched = build_schedule("loglinear")
+    cfg = SamplerConfig(sampler="remdm", remdm_strategy=strategy, remdm_eta=0.1)
+    new, remask = one_remdm_step(cfg, t, s)
+    a_t, a_s = float(sched.alpha(torch.tensor(t))), float(sched.alpha(torch.tensor(s)))
+    sigma_max = min(1.0, (1 - a_s) / a_t)
+    if strategy == "conf":
+        w = torch.softmax(-torch.tensor([0.3, 0.6], dtype=torch.float64), 0)
+        sigma = [sigma_max * float(w[0]), sigma_max * float(w[1])]
+        assert remask[0] > remask[1]         # the less likely draw is remasked more often
+    else:
+        one = min(0.1, sigma_max) if strategy == "cap" else 0.1 * sigma_max
+        sigma = [one, one]
+    assert close(remask[0], sigma[0]) and close(remask[1], sigma[1]), (remask, sigma)
+    assert_masked_position(new, a_t, a_s, 0.0 if strategy == "conf" else sigma[0])
+
+
+def test_remdm_loop_held_phase_remasks_with_eta():
+    """The reference's remdm-loop: alpha held at alpha_on for t_off < t <= t_on, and
+    every decoded token remasked with sigma = eta there (not the strategy's sigma);
+    before t_on (and after t_off) a plain ddpm step of the loop's alpha, no remasking."""
+    cfg = SamplerConfig(sampler="remdm", remdm_loop=True, remdm_eta=0.05)
+    new, remask = one_remdm_step(cfg, 0.3, 0.2)
+    assert close(remask[0], 0.05) and close(remask[1], 0.05), remask
+    assert_masked_position(new, 0.9, 0.9, 0.05)            # leaves w.p. eta a_on / (1 - a_on)
+    new, remask = one_remdm_step(cfg, 0.8, 0.7)
+    assert remask == [0.0, 0.0]
+    a_one = float(build_schedule("loglinear").alpha(torch.tensor(1.0)))
+    a_t, a_s = (a_one + (0.9 - a_one) * (1 - u) / 0.45 for u in (0.8, 0.7))
+    assert_masked_position(new, a_t, a_s, 0.0)
+    # the reference's eta per script: cap 0.008, rescale 0.015, loop 0.02; the held
+    # phase's sigma_max (1 - alpha_on) / alpha_on bounds the loop's eta
+    assert [SamplerConfig(sampler="remdm", remdm_strategy=k).eta for k in ("cap", "rescale")] \
+        == [0.008, 0.015]
+    assert SamplerConfig(sampler="remdm", remdm_loop=True).eta == 0.02
+    with pytest.raises(SamplerError, match=re.escape("eta must be <= (1 - alpha_on) / alpha_on")):
+        SamplerConfig(sampler="remdm", remdm_loop=True, remdm_eta=0.2)
+    with pytest.raises(SamplerError, match="takes no strategy") as e:
+        SamplerConfig(sampler="remdm", remdm_loop=True, remdm_strategy="rescale")
+    assert e.value.field == "remdm_strategy"
+
+
+def test_remdm_conf_weights_are_the_drawn_from_probabilities():
+    """Through the sampling loop, with top-p: each decoded token's ``chance`` is its
+    probability under the nucleus distribution it was drawn from."""
+    p = marginals()
+    cfg = SamplerConfig(sampler="remdm", remdm_strategy="conf", steps=6, top_p=0.75)
+    seen = []
+
+    class Spy(ReMDM):
+        def step(self, ctx):
+            seen.append((ctx.z.clone(), ctx.chance.clone()))
+            return super().step(ctx)
+
+    from mdlm_plugin.diffusion import samplers
+    samplers.RULES["remdm"], before = Spy, samplers.RULES["remdm"]
+    try:
+        sample(Oracle(p), all_masked(50), cfg, build_schedule("loglinear"), MASK,
+               torch.Generator().manual_seed(5))
+    finally:
+        samplers.RULES["remdm"] = before
+    nucleus = tempered(p, 1.0, 0.75)
+    z, chance = seen[-1]
+    decoded = z != MASK
+    assert bool(decoded.any())
+    want = nucleus.expand(50, -1, -1).gather(-1, z.clamp(max=MASK).unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(chance[decoded], want[decoded], atol=1e-6)
+    assert not torch.allclose(chance[decoded], p.expand(50, -1, -1).gather(
+        -1, z.clamp(max=MASK).unsqueeze(-1)).squeeze(-1)[decoded], atol=1e-3)
 
 
 def test_remdm_remasks_and_ends_without_masks():
@@ -427,7 +550,8 @@ def test_remdm_remasks_and_ends_without_masks():
     z = all_masked(64, 12)
     z[:, :3] = 4
     for cfg in (SamplerConfig(sampler="remdm", steps=40, remdm_eta=0.5, remdm_strategy="rescale"),
-                SamplerConfig(sampler="remdm", steps=40, remdm_eta=0.3, remdm_loop=True)):
+                SamplerConfig(sampler="remdm", steps=40, remdm_eta=0.3, remdm_loop=True,
+                              remdm_alpha_on=0.5)):
         out = sample(Contextual(), z, cfg, sched, MASK, torch.Generator().manual_seed(2),
                      retain_history=True)
         h = torch.stack(out.history)
@@ -456,6 +580,8 @@ def test_confidence_commits_the_scheduled_most_confident(schedule, per_step, ste
             n * (math.cos(math.pi / 2 * frac) if schedule == "cosine" else 1 - frac)).floor()
         if k == steps - 1:
             left = torch.zeros_like(n)
+        # MaskGIT's clamp: at most one less than the row's masked positions stay masked
+        left = torch.minimum(left, ((a == MASK).sum(1).double() - 1).clamp(min=0))
         assert torch.equal((b == MASK).sum(1).double(), left), k
     # committed = the most confident draws: replay step 0 of row 0 on the Contextual model
     model = Contextual()
@@ -469,12 +595,50 @@ def test_confidence_commits_the_scheduled_most_confident(schedule, per_step, ste
         assert conf[committed].min() >= conf[~committed].max()
 
 
-def test_confidence_noise_changes_the_order_only():
+@pytest.mark.parametrize("n,steps", [(16, 16), (128, 128), (10, 15), (12, 5)])
+def test_confidence_commits_at_least_one_token_every_step(n, steps):
+    """With a cosine schedule and T = n the unclamped schedule commits nothing in 3 of
+    16 steps (26 of 128); clamped, every step that calls the network for a row commits
+    at least one of its tokens, and a finished row is not evaluated again."""
+    z = all_masked(3, n)
+    z[1, : n // 2] = 4                                          # a prompt
+    model = Contextual()
+    out = sample(model, z, SamplerConfig(sampler="confidence", steps=steps),
+                 build_schedule("loglinear"), MASK, torch.Generator().manual_seed(3),
+                 retain_history=True)
+    h = torch.stack(out.history)
+    had = (h[:-1] == MASK).any(2)                               # (steps, rows)
+    committed = ((h[:-1] == MASK) & (h[1:] != MASK)).sum(2)
+    assert bool((committed[had] >= 1).all())
+    assert out.row_calls == int(had.sum())                      # no call commits nothing
+    assert not _masked_any(out.tokens)
+    assert out.prob_rows == int((h[:-1] == MASK).sum())         # drawn at every masked position
+    unclamped = [math.floor(n * math.cos(math.pi / 2 * (k + 1) / steps)) for k in range(steps - 1)] + [0]
+    if (n, steps) == (16, 16):
+        assert sum(a == b for a, b in zip([n] + unclamped, unclamped)) == 3
+
+
+def test_confidence_noise_is_annealed_as_maskgit():
+    """Gumbel noise on the log-confidence scaled by confidence_noise (1 - (k + 1)/T):
+    replaying step 0 with that scale gives the committed positions."""
     sched = build_schedule("loglinear")
     z = all_masked(8, 10)
-    out = sample(Contextual(), z, SamplerConfig(sampler="confidence", steps=4, confidence_noise=2.0),
-                 sched, MASK, torch.Generator().manual_seed(6))
+    cfg = SamplerConfig(sampler="confidence", steps=2, confidence_noise=2.0)
+    out = sample(Contextual(), z, cfg, sched, MASK, torch.Generator().manual_seed(6),
+                 retain_history=True)
     assert not _masked_any(out.tokens) and bool((out.scores < 0).all())
+    g = torch.Generator().manual_seed(6)
+    u = torch.rand(8, 10, dtype=torch.float64, generator=g)
+    u_noise = torch.rand(8, 10, dtype=torch.float64, generator=g)
+    x = denoise_probs(Contextual()(z, None, z == MASK), MASK).view(8, 10, V)
+    drawn = inverse_cdf(x.view(80, V), u.view(80)).view(8, 10)
+    gumbel = -torch.log(-torch.log(u_noise))
+    for scale, agrees in ((2.0 * (1 - 1 / 2), True), (2.0, False), (0.0, False)):
+        conf = x.gather(-1, drawn.unsqueeze(-1)).squeeze(-1).log() + scale * gumbel
+        left = math.floor(10 * math.cos(math.pi / 2 / 2))
+        top = conf.argsort(1, descending=True)[:, : 10 - left]
+        want = torch.zeros(8, 10, dtype=torch.bool).scatter(1, top, True)
+        assert torch.equal(out.history[1] != MASK, want) == agrees
 
 
 def test_bad_sampler_parameters_one_error_each():

@@ -166,14 +166,14 @@ def sample_blocks(context: BlockContext, z: torch.Tensor, block_size: int,
     block follows. With ``stop_token``, a row stops at the first such token the
     sampler fills: ``lengths`` (B,) give each row's length (N otherwise) and the
     tokens after it are left as in ``z``. ``network_calls``/``row_calls`` count the
-    commits too; ``steps`` sums the blocks sampled."""
+    commits too; ``steps`` and ``prob_rows`` sum the blocks sampled."""
     check_block_size(block_size, block_size)
     z = z.clone()
     B, N = z.shape
     scores = torch.zeros(B, N, dtype=torch.float, device=z.device)
     lengths = torch.full((B,), N, dtype=torch.long, device=z.device)
     active = torch.arange(B, device=z.device)
-    calls = row_calls = steps = 0
+    calls = row_calls = steps = prob_rows = 0
     for start in range(0, N, block_size):
         end = min(start + block_size, N)
         todo = z[active, start:end] == mask_index
@@ -182,7 +182,7 @@ def sample_blocks(context: BlockContext, z: torch.Tensor, block_size: int,
                                 mask_index, generator)
             z[active, start:end], scores[active, start:end] = out.tokens, out.scores
             calls, row_calls = calls + out.network_calls, row_calls + out.row_calls
-            steps += out.steps
+            steps, prob_rows = steps + out.steps, prob_rows + out.prob_rows
             if stop_token is not None:
                 hit = (out.tokens == stop_token) & todo
                 done = hit.any(1)
@@ -197,4 +197,5 @@ def sample_blocks(context: BlockContext, z: torch.Tensor, block_size: int,
             context.commit(z[active, start:end])
             calls, row_calls = calls + 1, row_calls + active.numel()
     return BlockSampleResult(tokens=z, scores=scores, network_calls=calls,
-                             row_calls=row_calls, steps=steps, lengths=lengths)
+                             row_calls=row_calls, steps=steps, lengths=lengths,
+                             prob_rows=prob_rows)

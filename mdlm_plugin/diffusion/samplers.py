@@ -19,21 +19,27 @@ x_theta (the denoiser's clean-token distribution, mask excluded) is reshaped bef
 use, in float64:
   * temperature tau: x_tau[v] proportional to x_theta[v] ** (1 / tau), i.e.
     softmax(logits / tau) over the non-mask vocabulary;
-  * nucleus top_p (applied after the temperature): sort x_tau descending and keep a
-    token iff the mass of the tokens ranked strictly above it is < top_p (the
-    smallest prefix with mass >= top_p; the top token is always kept), then
-    renormalise. top_p = 1 keeps everything.
+  * nucleus top_p (applied after the temperature), the reference repositories'
+    convention (kuleshov-group/remdm, bd3lms): sort x_tau descending and keep a
+    token iff the cumulative mass up to and including it is <= top_p, and always the
+    top token; then renormalise. With (.5, .3, .15, .05) and top_p = 0.9 it samples
+    from (.625, .375, 0, 0). top_p = 1 keeps everything.
 All categorical draws use float64 probabilities and float64 uniforms from the
 ``generator`` by exact inverse-CDF (no fp32 Gumbel truncation, Zheng et al. 2024).
 The ancestral rules and ReMDM draw the same two (B, L) uniform tensors every step
 whatever happens, so samplers that agree in distribution share one random stream.
+
+A step costs what it changes: a rule first decides which positions leave the mask
+(for ddpm, analytic and ReMDM that does not depend on x_theta), and the float64
+distribution is computed only where a token is drawn (``StepContext.draw``; the
+confidence sampler draws everywhere). ``SampleResult.prob_rows`` counts them.
 """
 from __future__ import annotations
 
 import abc
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -45,6 +51,9 @@ SAMPLERS = ("ddpm", "ddpm_cache", "analytic", "first_hitting", "remdm", "confide
 # exact only for a model that reads z_t alone (no time conditioning)
 REUSING_SAMPLERS = ("ddpm_cache", "first_hitting")
 REMDM_STRATEGIES = ("cap", "rescale", "conf")
+# eta of the reference scripts (kuleshov-group/remdm scripts/remdm-{cap,rescale,loop}.sh,
+# all with nucleus p = 0.9 and T = 1024): the default when ``remdm_eta`` is None
+REMDM_REFERENCE_ETA = {"cap": 0.008, "rescale": 0.015, "loop": 0.02}
 COMMIT_SCHEDULES = ("cosine", "linear")
 
 
@@ -66,11 +75,14 @@ class SamplerConfig:
     """How to sample. ``validate()`` (run on construction and by every sampler)
     raises one :class:`SamplerError` per bad field.
 
-    ReMDM (Wang et al. 2025): ``remdm_strategy`` cap / rescale / conf with ``remdm_eta``;
-    ``remdm_loop`` remasks only while t is in [t_off, t_on), at alpha held at
-    ``remdm_alpha_on`` (plain steps before and after). Confidence-ordered (MaskGIT):
-    ``commit_schedule`` cosine / linear over ``steps``, or ``commit_per_step`` K > 0
-    positions per step; ``confidence_noise`` scales Gumbel noise on the confidence."""
+    ReMDM (Wang et al. 2025): ``remdm_strategy`` cap / rescale / conf with ``remdm_eta``
+    (None: the reference script's eta, ``REMDM_REFERENCE_ETA``); ``remdm_loop``
+    remasks with sigma = eta only while t_off < t <= t_on, at alpha held at
+    ``remdm_alpha_on`` (plain steps before and after): the reference's remdm-loop,
+    which takes no strategy. Confidence-ordered (MaskGIT): ``commit_schedule`` cosine
+    / linear over ``steps``, or ``commit_per_step`` K > 0 positions per step;
+    ``confidence_noise`` scales Gumbel noise on the confidence, annealed by
+    (1 - (k + 1) / steps) as MaskGIT's choice temperature."""
 
     sampler: str = "ddpm"
     steps: int = 1000
@@ -79,7 +91,7 @@ class SamplerConfig:
     top_p: float = 1.0
     time_conditioned: bool = False
     remdm_strategy: str = "cap"
-    remdm_eta: float = 0.02
+    remdm_eta: Optional[float] = None
     remdm_loop: bool = False
     remdm_t_on: float = 0.55
     remdm_t_off: float = 0.05
@@ -115,8 +127,12 @@ class SamplerConfig:
         yield ("remdm_strategy", self.remdm_strategy not in REMDM_STRATEGIES,
                f"unknown ReMDM strategy {self.remdm_strategy!r}: choose one of "
                f"{', '.join(REMDM_STRATEGIES)}")
-        yield ("remdm_eta", not 0.0 <= self.remdm_eta < float("inf"),
+        yield ("remdm_eta", self.remdm_eta is not None and not 0.0 <= self.remdm_eta < float("inf"),
                f"the ReMDM eta must be >= 0 and finite, got {self.remdm_eta!r}")
+        yield ("remdm_strategy", self.remdm_loop and self.remdm_strategy != "cap",
+               f"the ReMDM loop remasks with sigma = eta in its held phase (the reference's "
+               f"remdm-loop) and takes no strategy: leave remdm_strategy at 'cap', got "
+               f"{self.remdm_strategy!r}")
         yield ("remdm_t_on", not 0.0 < self.remdm_t_on <= 1.0,
                f"the ReMDM t_on must be in (0, 1], got {self.remdm_t_on!r}")
         yield ("remdm_t_off", not 0.0 <= self.remdm_t_off < self.remdm_t_on,
@@ -124,6 +140,11 @@ class SamplerConfig:
                f"{self.remdm_t_off!r}: the loop remasks while t_off <= t < t_on")
         yield ("remdm_alpha_on", not 0.0 < self.remdm_alpha_on < 1.0,
                f"the ReMDM alpha_on must be in (0, 1), got {self.remdm_alpha_on!r}")
+        if self.remdm_loop and 0.0 < self.remdm_alpha_on < 1.0:
+            held_max = (1.0 - self.remdm_alpha_on) / self.remdm_alpha_on
+            yield ("remdm_eta", self.eta > held_max,
+                   f"the ReMDM loop's eta must be <= (1 - alpha_on) / alpha_on = "
+                   f"{held_max:.6g} (sigma_max in the held phase), got {self.eta!r}")
         yield ("commit_schedule", self.commit_schedule not in COMMIT_SCHEDULES,
                f"unknown commit schedule {self.commit_schedule!r}: choose one of "
                f"{', '.join(COMMIT_SCHEDULES)}")
@@ -134,6 +155,15 @@ class SamplerConfig:
                f"confidence_noise must be >= 0 and finite, got {self.confidence_noise!r}")
 
 
+    @property
+    def eta(self) -> float:
+        """ReMDM's eta: ``remdm_eta``, or the reference script's for the strategy."""
+        if self.remdm_eta is not None:
+            return self.remdm_eta
+        return REMDM_REFERENCE_ETA["loop" if self.remdm_loop else self.remdm_strategy] \
+            if (self.remdm_loop or self.remdm_strategy != "conf") else 0.0
+
+
 @dataclass
 class SampleResult:
     """``tokens`` (B, L') without any mask; ``scores`` (B, L') float32: for each
@@ -142,7 +172,9 @@ class SampleResult:
     1 and without top-p), 0 for given tokens; ``network_calls`` denoiser calls made;
     ``row_calls`` rows evaluated over those calls (a call may run a subset of the
     batch); ``steps`` diffusion steps taken; ``history`` (``retain_history=True``
-    only): z before the first step, then z after each of the ``steps`` steps."""
+    only): z before the first step, then z after each of the ``steps`` steps;
+    ``prob_rows`` positions whose float64 distribution over the vocabulary was
+    computed (one per token drawn, all masked positions for the confidence sampler)."""
 
     tokens: torch.Tensor
     scores: torch.Tensor
@@ -150,6 +182,7 @@ class SampleResult:
     row_calls: int
     steps: int
     history: Optional[List[torch.Tensor]] = None
+    prob_rows: int = 0
 
 
 def denoise_probs(logits: torch.Tensor, mask_index: int, temperature: float = 1.0,
@@ -161,7 +194,8 @@ def denoise_probs(logits: torch.Tensor, mask_index: int, temperature: float = 1.
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p
+        keep_sorted = sorted_p.cumsum(-1) <= top_p
+        keep_sorted[..., 0] = True
         keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
         probs = probs.masked_fill(~keep, 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
@@ -186,10 +220,11 @@ def sample_categorical(probs: torch.Tensor, generator: Optional[torch.Generator]
     return inverse_cdf(probs, u)
 
 
-def _transition(sampler: str, schedule: NoiseSchedule, x: torch.Tensor,
-                t: torch.Tensor, s: torch.Tensor):
-    """For masked positions with clean-token distribution ``x`` (N, V), the step t -> s:
-    returns (probability of leaving the mask (N,), unnormalised token weights (N, V)).
+def _leave_probability(kernel: str, schedule: NoiseSchedule, t: torch.Tensor,
+                       s: torch.Tensor) -> torch.Tensor:
+    """The probability that a masked position leaves the mask in the step t -> s; a
+    position that leaves takes a token drawn from x (x_theta after temperature and
+    top-p). It does not depend on x, so a step decides which positions leave first.
 
     ddpm (the exact posterior, mixed over x_theta):
         p(z_s = v | z_t = m) = (alpha_s - alpha_t) / (1 - alpha_t) * x[v],
@@ -204,58 +239,71 @@ def _transition(sampler: str, schedule: NoiseSchedule, x: torch.Tensor,
     with SEDD's staggered score for the absorbing graph stag[v] = e^d r[v] (v != m),
     stag[m] = 1 + (1 - e^d) sum_{v != m} r[v], gives
         p(z_s = v | z_t = m) = e^d r[v] (1 - e^{-d}) = expm1(d) r[v],
-        p(z_s = m | z_t = m) = 1 - expm1(d) / expm1(sigma_t).
-    The latter equals e^d (e^{sigma_s} - 1) / (e^{sigma_t} - 1)
-    = (1 - alpha_s) / (1 - alpha_t): for the absorbing process under SUBS the
-    analytic sampler is exactly the ddpm kernel, computed through the score. (The
-    stay probability is not exp(-d): that is the forward probability that a clean
-    token at s is still clean at t.)
+        p(z_s = m | z_t = m) = 1 - expm1(d) / expm1(sigma_t)
+    (sum_v x[v] = 1): the token is drawn from x, and the probability of leaving is
+    expm1(d) / expm1(sigma_t). The stay probability equals e^d (e^{sigma_s} - 1) /
+    (e^{sigma_t} - 1) = (1 - alpha_s) / (1 - alpha_t): for the absorbing process under
+    SUBS the analytic sampler is exactly the ddpm kernel, computed through the score.
+    (The stay probability is not exp(-d): that is the forward probability that a
+    clean token at s is still clean at t.)
     """
-    if sampler == "analytic":
-        # t, s: scalars, or one time per row of x (N,) (distillation's per-row times)
-        sigma_t, sigma_s = schedule.sigma(t).reshape(-1, 1), schedule.sigma(s).reshape(-1, 1)
-        jump = torch.expm1(sigma_t - sigma_s) * (x / torch.expm1(sigma_t))
-        return jump.sum(-1), jump
-    stay = schedule.mask_prob(s) / schedule.mask_prob(t)
-    return (1.0 - stay).expand(x.size(0)), x
+    if kernel == "analytic":
+        sigma_t, sigma_s = schedule.sigma(t), schedule.sigma(s)
+        return torch.expm1(sigma_t - sigma_s) / torch.expm1(sigma_t)
+    return 1.0 - schedule.mask_prob(s) / schedule.mask_prob(t)
 
 
 class _RowCache:
-    """The network's output at the masked positions of every row, reused for the rows
-    whose tokens did not change since it was computed.
+    """The network's logits at the masked positions of every row, reused for the rows
+    whose tokens did not change since they were computed.
 
     A model without time conditioning gives the same x_theta for the same z_t, so a
     row that no step has changed needs no new call (``ddpm_cache``); the other
-    samplers invalidate every row after every step. Entries are kept row-major over
-    the masked positions, the order of ``z[masked]``; a valid row's masked positions
-    are the same as when it was computed, so its entries stay in place."""
+    samplers invalidate every row after every step. Each call's output is kept as it
+    came (row-major over the called rows' masked positions) and each row remembers
+    which output holds it and where its block starts: a step copies nothing, and
+    reads only the positions it asks for (``logits``). A valid row's masked
+    positions are the same as when it was computed, so a position's entry is the
+    block's start plus its rank among the row's masked positions."""
 
     def __init__(self, batch: int, device):
         self.valid = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.owner = self.logits = self.x = None
+        self.output = torch.full((batch,), -1, dtype=torch.long, device=device)
+        self.start = torch.zeros(batch, dtype=torch.long, device=device)
+        self.outputs = {}
+        self.calls = 0
 
-    def lookup(self, masked: torch.Tensor, compute):
-        """(logits, x) at every masked position; ``compute(rows)`` runs the network on
-        the rows (a 1-D index tensor) that are masked and not valid, if any."""
-        owner = masked.nonzero()[:, 0]
+    def refresh(self, masked: torch.Tensor, compute) -> None:
+        """``compute(rows)`` (logits, row-major over ``masked[rows]``) for the rows (a
+        1-D index tensor) that are masked and not valid, if any."""
         need = masked.any(1) & ~self.valid
-        if bool(need.any()):
-            fresh_logits, fresh_x = compute(need.nonzero().squeeze(1))
-            if self.owner is None or not bool(self.valid.any()):
-                logits, x = fresh_logits, fresh_x
-            else:
-                from_fresh = need[owner]
-                keep = self.valid[self.owner]
-                logits = fresh_logits.new_empty((owner.numel(), fresh_logits.size(-1)))
-                x = fresh_x.new_empty((owner.numel(), fresh_x.size(-1)))
-                logits[from_fresh], x[from_fresh] = fresh_logits, fresh_x
-                logits[~from_fresh], x[~from_fresh] = self.logits[keep], self.x[keep]
-        else:
-            keep = self.valid[self.owner]
-            logits, x = self.logits[keep], self.x[keep]
-        self.owner, self.logits, self.x = owner, logits, x
-        self.valid = masked.any(1)
-        return logits, x
+        if not bool(need.any()):
+            return
+        rows = need.nonzero().squeeze(1)
+        counts = masked[rows].sum(1)
+        self.outputs[self.calls] = compute(rows)
+        self.output[rows], self.start[rows] = self.calls, counts.cumsum(0) - counts
+        self.calls += 1
+        self.valid |= need
+        live = set(self.output[self.valid].tolist())
+        self.outputs = {i: out for i, out in self.outputs.items() if i in live}
+
+    def logits(self, masked: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """The logits at ``where`` (B, L) bool, a subset of the masked positions of
+        valid rows, row-major (N, V)."""
+        rows, cols = where.nonzero(as_tuple=True)
+        entry = self.start[rows] + (masked.cumsum(1) - 1)[rows, cols]
+        if len(self.outputs) == 1:
+            (out,) = self.outputs.values()
+            # every position of the one output, in order: the output itself
+            return out if entry.numel() == out.size(0) else out.index_select(0, entry)
+        which = self.output[rows]
+        first = next(iter(self.outputs.values()))
+        got = first.new_empty((entry.numel(), first.size(-1)))
+        for i, out in self.outputs.items():
+            sel = which == i
+            got[sel] = out.index_select(0, entry[sel])
+        return got
 
     def invalidate(self, rows: torch.Tensor) -> None:
         self.valid &= ~rows
@@ -270,12 +318,12 @@ def _token_scores(logits: torch.Tensor, tokens: torch.Tensor, mask_index: int) -
 @dataclass
 class StepContext:
     """What a step rule sees at step ``k`` (t -> s): the tokens ``z`` (B, L) (not to be
-    modified: a rule returns new ones), ``masked`` = z == mask, the network's ``logits``
-    and float64 clean-token distribution ``x`` (temperature, top-p) at the masked
-    positions (row-major, N rows), ``given`` (the input's tokens: never change),
-    ``scores`` (the log-probability each token had when it was drawn), and the random
-    stream (``uniforms``). ``t`` and ``s`` are scalars in the sampling loop; the
-    ancestral rule also takes one time per masked position (N,) (``sdtt.py``)."""
+    modified: a rule returns new ones), ``masked`` = z == mask, ``given`` (the
+    input's tokens: never change), ``scores`` (the log-probability each token had
+    when it was drawn, temperature 1), ``chance`` (float64: the probability each
+    decoded token had under the distribution it was drawn from), the random stream
+    (``uniforms``) and the network's float64 clean-token distribution x (temperature,
+    top-p) at any masked positions, computed on demand (``probs``, ``draw``)."""
 
     k: int
     t: torch.Tensor
@@ -283,17 +331,33 @@ class StepContext:
     z: torch.Tensor
     masked: torch.Tensor
     given: torch.Tensor
-    logits: Optional[torch.Tensor]
-    x: Optional[torch.Tensor]
     scores: torch.Tensor
+    chance: torch.Tensor
     mask_index: int
     schedule: NoiseSchedule
     generator: Optional[torch.Generator]
+    probs_at: Callable[[torch.Tensor], torch.Tensor]
+    drawn_chance: Optional[torch.Tensor] = None
 
     def uniforms(self, *shape) -> torch.Tensor:
         """float64 uniforms in [0, 1), (B, L) unless a shape is given."""
         return torch.rand(shape or self.z.shape, dtype=torch.float64, device=self.z.device,
                           generator=self.generator)
+
+    def probs(self, where: torch.Tensor) -> torch.Tensor:
+        """float64 x (N, V) at ``where`` (B, L) bool (masked positions), row-major."""
+        return self.probs_at(where)
+
+    def draw(self, where: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Tokens (N,) drawn from x at ``where`` with the uniforms ``u`` (N,); each
+        token's probability under x is kept (``drawn_chance``) for ``chance``."""
+        x = self.probs(where)
+        tokens = inverse_cdf(x, u)
+        if self.drawn_chance is None:
+            self.drawn_chance = torch.zeros(self.z.shape, dtype=torch.float64,
+                                            device=self.z.device)
+        self.drawn_chance[where] = x.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return tokens
 
 
 class StepRule(abc.ABC):
@@ -311,13 +375,13 @@ class StepRule(abc.ABC):
 
     @abc.abstractmethod
     def step(self, ctx: StepContext) -> torch.Tensor:
-        """The tokens after this step (a new tensor)."""
+        """The tokens after this step (a new tensor, or ``ctx.z`` when none changes)."""
 
 
 class Ancestral(StepRule):
     """ddpm / ddpm_cache / analytic: each masked position leaves the mask with the
-    kernel's probability (``_transition``) and then takes a token drawn from its
-    weights. Two (B, L) uniform tensors per step, whatever happens."""
+    kernel's probability (``_leave_probability``) and then takes a token drawn from x.
+    Two (B, L) uniform tensors per step, whatever happens."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -326,24 +390,13 @@ class Ancestral(StepRule):
 
     def step(self, ctx):
         u_move, u_token = ctx.uniforms(), ctx.uniforms()
-        if ctx.x is None:
+        leave = ctx.masked & (u_move < _leave_probability(self.kernel, ctx.schedule,
+                                                          ctx.t, ctx.s))
+        if not bool(leave.any()):
             return ctx.z
-        move, weights = _transition(self.kernel, ctx.schedule, ctx.x, ctx.t, ctx.s)
-        leave = u_move[ctx.masked] < move
-        # tokens are drawn only where a position leaves the mask: the same values as
-        # drawing everywhere, without the float64 work for the others
-        new = torch.full_like(leave, ctx.mask_index, dtype=torch.long)
-        new[leave] = inverse_cdf(weights[leave], u_token[ctx.masked][leave])
         z = ctx.z.clone()
-        z[ctx.masked] = new
+        z[leave] = ctx.draw(leave, u_token[leave])
         return z
-
-
-def _entry_index(masked: torch.Tensor) -> torch.Tensor:
-    """(B, L): the row of ``x``/``logits`` that holds each masked position, -1 elsewhere."""
-    index = torch.full(masked.shape, -1, dtype=torch.long, device=masked.device)
-    index[masked] = torch.arange(int(masked.sum()), device=masked.device)
-    return index
 
 
 class FirstHitting(StepRule):
@@ -362,22 +415,29 @@ class FirstHitting(StepRule):
     def step(self, ctx):
         u_position, u_token = ctx.uniforms(ctx.z.size(0)), ctx.uniforms(ctx.z.size(0))
         rows = ctx.masked.any(1)
-        if ctx.x is None or not bool(rows.any()):
+        if not bool(rows.any()):
             return ctx.z
         position = inverse_cdf(ctx.masked[rows].double(), u_position[rows])
-        entry = _entry_index(ctx.masked)[rows, position]
+        chosen = torch.zeros_like(ctx.masked)
+        chosen[rows.nonzero().squeeze(1), position] = True
         z = ctx.z.clone()
-        z[rows.nonzero().squeeze(1), position] = inverse_cdf(ctx.x[entry], u_token[rows])
+        z[chosen] = ctx.draw(chosen, u_token[rows])
         return z
 
 
 class Confidence(StepRule):
-    """Confidence-ordered (MaskGIT; mask-predict; LLaDA's low-confidence remasking):
-    a token is drawn at every masked position, and each row commits the k_r most
-    confident (the probability of the drawn token, plus ``confidence_noise`` times
-    Gumbel noise); the others stay masked. k_r follows the commit schedule, so the row
-    is complete after ``steps``: cosine keeps floor(n_r cos(pi/2 (k+1)/T)) masked after
-    step k, linear floor(n_r (1 - (k+1)/T)); ``commit_per_step`` K commits K a step."""
+    """Confidence-ordered (MaskGIT's parallel decoding; mask-predict; LLaDA's
+    low-confidence remasking): a token is drawn at every masked position, and each row
+    commits the most confident (the probability of the drawn token, plus
+    ``confidence_noise`` (1 - (k + 1)/T) times Gumbel noise: MaskGIT's annealed choice
+    temperature); the others stay masked. The number left masked after step k follows
+    the commit schedule of the row's n masked positions (cosine floor(n cos(pi/2
+    (k+1)/T)), linear floor(n (1 - (k+1)/T)), or n - K (k+1) with ``commit_per_step``
+    K; none after the last step), clamped as MaskGIT does to one less than the row's
+    masked positions, so every step commits at least one token of every row that has
+    one. (MaskGIT also keeps at least one masked until its last step; that would spend
+    a network call on a step that commits nothing when T > n, so a row here finishes
+    early and is not evaluated again.)"""
 
     def start(self, z, mask_index):
         self.n = (z == mask_index).sum(1)
@@ -390,30 +450,37 @@ class Confidence(StepRule):
                 f"steps or commit_per_step (or use 0: the schedule over the steps)")
         return steps
 
-    def left_masked(self, k: int) -> torch.Tensor:
+    def left_masked(self, k: int, masked_now: torch.Tensor) -> torch.Tensor:
+        """(B,) positions left masked after step k, for rows with ``masked_now``."""
         cfg, n = self.config, self.n.double()
         if cfg.commit_per_step:
-            return (self.n - cfg.commit_per_step * (k + 1)).clamp(min=0)
-        frac = (k + 1) / cfg.steps
-        keep = n * (math.cos(math.pi / 2 * frac) if cfg.commit_schedule == "cosine" else 1 - frac)
-        return torch.zeros_like(self.n) if k + 1 == cfg.steps else keep.floor().long()
+            left = (self.n - cfg.commit_per_step * (k + 1)).clamp(min=0)
+        elif k + 1 == cfg.steps:
+            left = torch.zeros_like(self.n)
+        else:
+            frac = (k + 1) / cfg.steps
+            left = (n * (math.cos(math.pi / 2 * frac) if cfg.commit_schedule == "cosine"
+                         else 1 - frac)).floor().long()
+        return torch.minimum(left, (masked_now - 1).clamp(min=0))
 
     def step(self, ctx):
         u_token = ctx.uniforms()
         u_noise = ctx.uniforms() if self.config.confidence_noise > 0 else None
-        if ctx.x is None:
+        if not bool(ctx.masked.any()):
             return ctx.z
-        drawn = inverse_cdf(ctx.x, u_token[ctx.masked])
-        conf = torch.full(ctx.z.shape, float("-inf"), dtype=torch.float64, device=ctx.z.device)
-        conf[ctx.masked] = ctx.x.gather(-1, drawn.unsqueeze(-1)).squeeze(-1).log()
-        if u_noise is not None:
+        drawn = torch.full_like(ctx.z, ctx.mask_index)
+        drawn[ctx.masked] = ctx.draw(ctx.masked, u_token[ctx.masked])
+        conf = ctx.drawn_chance.log().masked_fill(~ctx.masked, float("-inf"))
+        anneal = self.config.confidence_noise * (1.0 - (ctx.k + 1) / self.config.steps)
+        if u_noise is not None and anneal > 0:
             gumbel = -torch.log(-torch.log(u_noise.clamp_min(1e-300)))
-            conf[ctx.masked] += self.config.confidence_noise * gumbel[ctx.masked]
-        commit = ctx.masked.sum(1) - self.left_masked(ctx.k)
+            conf = conf + anneal * gumbel.masked_fill(~ctx.masked, 0.0)
+        masked_now = ctx.masked.sum(1)
+        commit = masked_now - self.left_masked(ctx.k, masked_now)
         rank = conf.argsort(1, descending=True).argsort(1)
         chosen = (rank < commit.unsqueeze(1)) & ctx.masked
         z = ctx.z.clone()
-        z[chosen] = drawn[chosen[ctx.masked]]
+        z[chosen] = drawn[chosen]
         return z
 
 
@@ -425,56 +492,59 @@ class ReMDM(StepRule):
                          + (1 - alpha_s - sigma alpha_t) m) / (1 - alpha_t)),
     sigma <= sigma_max = min(1, (1 - alpha_s) / alpha_t). Strategies: cap
     min(eta, sigma_max); rescale eta sigma_max; conf sigma_max softmax(-psi) over the
-    row's decoded tokens, psi the probability a token had when drawn (masked positions
-    then take the ddpm step, sigma = 0). With ``remdm_loop`` alpha runs from alpha(1) to
-    alpha_on until t_on, is held there (only remasking moves) until t_off, then runs to
-    1; remasking happens only in the held phase. eta = 0 is the ddpm step, bit for bit."""
+    row's decoded tokens, psi the probability a token had under the distribution it
+    was drawn from (after temperature and top-p; masked positions then take the ddpm
+    step, sigma = 0). With ``remdm_loop`` alpha runs from alpha(1) to alpha_on until
+    t_on, is held there until t_off, then runs to 1; remasking happens only in the
+    held phase, t_off < t <= t_on, with sigma = eta (the reference's remdm-loop).
+    eta = 0 is the ddpm step, bit for bit."""
 
     def alphas(self, ctx):
-        """(alpha_t, alpha_s, 1 - alpha_t, 1 - alpha_s, remask in this step)."""
+        """(alpha_t, alpha_s, 1 - alpha_t, 1 - alpha_s, in the loop's held phase)."""
         sch, cfg, t, s = ctx.schedule, self.config, ctx.t, ctx.s
         if not cfg.remdm_loop:
-            return sch.alpha(t), sch.alpha(s), sch.mask_prob(t), sch.mask_prob(s), True
+            return sch.alpha(t), sch.alpha(s), sch.mask_prob(t), sch.mask_prob(s), False
         a_one, a_zero = sch.alpha(torch.ones_like(t)), sch.alpha(torch.zeros_like(t))
         t_on, t_off, a_on = cfg.remdm_t_on, cfg.remdm_t_off, cfg.remdm_alpha_on
 
         def alpha(u):
-            if u >= t_on:
+            if u > t_on:
                 return a_one + (a_on - a_one) * (1 - u) / max(1 - t_on, 1e-12)
-            if u >= t_off:
+            if u > t_off:
                 return torch.full_like(t, a_on)
             return a_on + (a_zero - a_on) * (t_off - u) / t_off
 
         a_t, a_s = alpha(float(t)), alpha(float(s))
-        return a_t, a_s, 1 - a_t, 1 - a_s, t_off <= float(t) < t_on
+        return a_t, a_s, 1 - a_t, 1 - a_s, t_off < float(t) <= t_on
 
-    def sigmas(self, ctx, a_t, m_s, decoded):
+    def sigmas(self, ctx, a_t, m_s, decoded, held):
         """(sigma at each decoded position (B, L), sigma for the masked positions)."""
         cfg = self.config
+        if cfg.remdm_loop:
+            sigma = torch.full_like(a_t, cfg.eta if held else 0.0)
+            return sigma.expand(ctx.z.shape), sigma
         sigma_max = torch.clamp(m_s / a_t, max=1.0)
         if cfg.remdm_strategy == "conf":
-            psi = ctx.scores.double().exp().masked_fill(~decoded, float("inf"))
+            psi = ctx.chance.masked_fill(~decoded, float("inf"))
             weight = torch.softmax(-psi, dim=1).nan_to_num(0.0)   # rows with none decoded
             return sigma_max * weight, torch.zeros_like(sigma_max)
-        sigma = torch.clamp(sigma_max, max=cfg.remdm_eta) if cfg.remdm_strategy == "cap" \
-            else cfg.remdm_eta * sigma_max
+        sigma = torch.clamp(sigma_max, max=cfg.eta) if cfg.remdm_strategy == "cap" \
+            else cfg.eta * sigma_max
         return sigma.expand(ctx.z.shape), sigma
 
     def step(self, ctx):
         u_move, u_token = ctx.uniforms(), ctx.uniforms()
-        a_t, a_s, m_t, m_s, remask = self.alphas(ctx)
+        a_t, a_s, m_t, m_s, held = self.alphas(ctx)
         decoded = ~ctx.masked & ~ctx.given
-        sigma_decoded, sigma_masked = self.sigmas(ctx, a_t, m_s, decoded)
-        if not remask:
-            sigma_decoded, sigma_masked = torch.zeros_like(sigma_decoded), 0.0 * sigma_masked
+        sigma_decoded, sigma_masked = self.sigmas(ctx, a_t, m_s, decoded, held)
+        remask = decoded & (u_move < sigma_decoded)
+        leave = ctx.masked & (u_move < 1.0 - (m_s - sigma_masked * a_t) / m_t)
+        if not bool(remask.any()) and not bool(leave.any()):
+            return ctx.z
         z = ctx.z.clone()
-        z[decoded & (u_move < sigma_decoded)] = ctx.mask_index
-        if ctx.x is not None:
-            stay = (m_s - sigma_masked * a_t) / m_t
-            leave = u_move[ctx.masked] < (1.0 - stay)
-            new = torch.full_like(leave, ctx.mask_index, dtype=torch.long)
-            new[leave] = inverse_cdf(ctx.x[leave], u_token[ctx.masked][leave])
-            z[ctx.masked] = new
+        z[remask] = ctx.mask_index
+        if bool(leave.any()):
+            z[leave] = ctx.draw(leave, u_token[leave])
         return z
 
 
@@ -509,9 +579,10 @@ def sample(denoiser: Denoiser, z: torch.Tensor, config: SamplerConfig,
     steps = rule.start(z, mask_index)
     ts = torch.linspace(1.0, config.t_min, steps + 1, dtype=torch.float64)
     given = z != mask_index
-    calls = row_calls = 0
+    calls = row_calls = prob_rows = 0
     cache = _RowCache(B, device)
     scores = torch.zeros(B, L, dtype=torch.float, device=device)
+    chance = torch.zeros(B, L, dtype=torch.float64, device=device)
     history = [z.clone()] if retain_history else None
 
     def network(t, masked):
@@ -520,32 +591,46 @@ def sample(denoiser: Denoiser, z: torch.Tensor, config: SamplerConfig,
             calls, row_calls = calls + 1, row_calls + rows.numel()
             sigma = schedule.sigma(t).float().to(device).expand(rows.numel())
             extra = (rows,) if row_indexed else ()
-            logits = denoiser(z[rows], sigma, masked[rows], *extra)
-            return logits, denoise_probs(logits, mask_index, config.temperature, config.top_p)
-        return cache.lookup(masked, compute)
+            return denoiser(z[rows], sigma, masked[rows], *extra)
+
+        def probs(where):
+            nonlocal prob_rows
+            logits = cache.logits(masked, where)
+            prob_rows += logits.size(0)
+            return denoise_probs(logits, mask_index, config.temperature, config.top_p)
+
+        if bool(masked.any()):
+            cache.refresh(masked, compute)
+        return probs
 
     for k in range(steps):
         masked = z == mask_index
-        logits, x = network(ts[k], masked) if bool(masked.any()) else (None, None)
-        new = rule.step(StepContext(k, ts[k].to(device), ts[k + 1].to(device), z, masked,
-                                    given, logits, x, scores, mask_index, schedule, generator))
-        drawn = masked & (new != mask_index)
-        if bool(drawn.any()):
-            scores[drawn] = _token_scores(logits[drawn[masked]], new[drawn], mask_index)
-        scores[~masked & (new == mask_index)] = 0.0          # masked again (remdm)
-        changed = (new != z).any(1)
+        probs = network(ts[k], masked)
+        ctx = StepContext(k, ts[k].to(device), ts[k + 1].to(device), z, masked, given,
+                          scores, chance, mask_index, schedule, generator, probs)
+        new = rule.step(ctx)
+        changed = torch.zeros(B, dtype=torch.bool, device=device)
+        if new is not z:
+            drawn = masked & (new != mask_index)
+            if bool(drawn.any()):
+                scores[drawn] = _token_scores(cache.logits(masked, drawn), new[drawn],
+                                              mask_index)
+                chance[drawn] = ctx.drawn_chance[drawn]
+            remasked = ~masked & (new == mask_index)            # remdm
+            scores[remasked], chance[remasked] = 0.0, 0.0
+            changed = (new != z).any(1)
+            z = new
         cache.invalidate(changed if rule.reuses_outputs else torch.ones_like(changed))
-        z = new
         if retain_history:
             history.append(z.clone())
 
     masked = z == mask_index
     if bool(masked.any()):
-        logits, x = network(ts[-1], masked)
-        fill = x.argmax(-1)
-        z[masked], scores[masked] = fill, _token_scores(logits, fill, mask_index)
+        fill = network(ts[-1], masked)(masked).argmax(-1)
+        z[masked] = fill
+        scores[masked] = _token_scores(cache.logits(masked, masked), fill, mask_index)
     return SampleResult(tokens=z, scores=scores, network_calls=calls, row_calls=row_calls,
-                        steps=steps, history=history)
+                        steps=steps, history=history, prob_rows=prob_rows)
 
 
 @torch.no_grad()
@@ -561,8 +646,8 @@ def sample_semi_ar(denoiser: Denoiser, prefix_tokens: Optional[torch.Tensor],
     sampled with ``sample``. Each later window is the last ``window - stride`` tokens
     generated so far (fixed, SUBS copies them) plus ``stride`` masks; its new tokens
     are appended. A prompt of ``window`` tokens or more skips the first window. The
-    prompt is returned unchanged (score 0); ``network_calls``, ``row_calls`` and
-    ``steps`` add up all windows.
+    prompt is returned unchanged (score 0); ``network_calls``, ``row_calls``,
+    ``steps`` and ``prob_rows`` add up all windows.
     """
     if window < 1:
         raise ValueError(f"window (the model length) must be >= 1, got {window}")
@@ -582,15 +667,15 @@ def sample_semi_ar(denoiser: Denoiser, prefix_tokens: Optional[torch.Tensor],
                          "with a partly masked z")
 
     def fill(ctx: torch.Tensor) -> None:
-        nonlocal tokens, scores, calls, row_calls, steps
+        nonlocal tokens, scores, calls, row_calls, steps, prob_rows
         z = torch.cat([ctx, ctx.new_full((ctx.size(0), window - ctx.size(1)), mask_index)], 1)
         out = sample(denoiser, z, config, schedule, mask_index, generator)
         calls, row_calls = calls + out.network_calls, row_calls + out.row_calls
-        steps += out.steps
+        steps, prob_rows = steps + out.steps, prob_rows + out.prob_rows
         tokens = torch.cat([tokens, out.tokens[:, ctx.size(1):]], 1)
         scores = torch.cat([scores, out.scores[:, ctx.size(1):]], 1)
 
-    calls = row_calls = steps = 0
+    calls = row_calls = steps = prob_rows = 0
     tokens = prefix_tokens.long()
     scores = torch.zeros(tokens.shape, dtype=torch.float, device=tokens.device)
     if tokens.size(1) < window:
@@ -599,7 +684,8 @@ def sample_semi_ar(denoiser: Denoiser, prefix_tokens: Optional[torch.Tensor],
     while tokens.size(1) < total_length:
         fill(tokens[:, tokens.size(1) - keep:])
     return SampleResult(tokens=tokens[:, :total_length], scores=scores[:, :total_length],
-                        network_calls=calls, row_calls=row_calls, steps=steps)
+                        network_calls=calls, row_calls=row_calls, steps=steps,
+                        prob_rows=prob_rows)
 
 
 def unigram_entropy(tokens: torch.Tensor, ignore: Sequence[int] = ()) -> float:

@@ -109,10 +109,13 @@ def teacher_first_step(teacher: Denoiser, z_t: torch.Tensor, t: torch.Tensor,
     config = SamplerConfig(sampler=sampler, steps=1, time_conditioned=time_conditioned)
     masked = z_t == mask_index
     logits = teacher(z_t, _sigma(schedule, t), masked)
-    owner = masked.nonzero()[:, 0]
-    ctx = StepContext(0, t[owner], m[owner], z_t, masked, ~masked, logits,
-                      denoise_probs(logits, mask_index), torch.zeros(z_t.shape),
-                      mask_index, schedule, generator)
+    rank = torch.full(z_t.shape, -1, dtype=torch.long, device=z_t.device)
+    rank[masked] = torch.arange(logits.size(0), device=z_t.device)
+    # one time per row, (B, 1): the rule's leave probability broadcasts over positions
+    ctx = StepContext(0, t.view(-1, 1), m.view(-1, 1), z_t, masked, ~masked,
+                      torch.zeros(z_t.shape), torch.zeros(z_t.shape, dtype=torch.float64),
+                      mask_index, schedule, generator,
+                      lambda where: denoise_probs(logits[rank[where]], mask_index))
     return logits, Ancestral(config).step(ctx)
 
 

@@ -38,7 +38,7 @@ the softmax of the logits over the non-mask symbols, exactly what
 ``samplers.denoise_probs`` computes from any ``mdlm`` model's logits. A SEDD-trained
 ``mdlm`` model therefore samples through the existing generator unchanged (no flag
 in the checkpoint), and ``analytic`` is SEDD's Tweedie tau-leaping with the score's
-total set to its exact value 1 / expm1(sigma) (see ``samplers._transition``).
+total set to its exact value 1 / expm1(sigma) (see ``samplers._leave_probability``).
 """
 from __future__ import annotations
 

@@ -138,7 +138,8 @@ class BlockKVCache(KVCache):
     A clean block attends to the cache and to itself; its keys and values are then
     stored (``committing``), at most the last ``context`` positions of them (a block
     sees at most window - L' clean positions in training). A noisy block attends to
-    the cache rows ``rows`` (all when None) and to itself, and stores nothing.
+    the cache rows ``rows`` (sorted, unique; all when None) and to itself, and stores
+    nothing.
     ``position`` is the absolute position of the next block (rotary angles), which
     keeps growing when old positions leave the cache.
     """
@@ -152,7 +153,9 @@ class BlockKVCache(KVCache):
         kk, vk = f"k{layer}", f"v{layer}"
         if kk in self.store:
             ck, cv = self.store[kk], self.store[vk]
-            if self.rows is not None:
+            # rows come sorted and unique (the sampler's nonzero()): as many as the
+            # cache holds is every row, in order, and needs no copy
+            if self.rows is not None and self.rows.numel() != ck.size(0):
                 ck, cv = ck.index_select(0, self.rows), cv.index_select(0, self.rows)
             k, v = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
         if self.committing and self.context > 0:
@@ -386,10 +389,11 @@ class DiT(nn.Module):
         """One block of block-diffusion sampling, at ``cache.position``.
 
         commit=False: logits (as ``forward``) of the noisy block ``tokens`` (b, L') of
-        the cache rows ``rows`` (all when None), attending to their cached clean
-        blocks and to the whole block; the cache is unchanged. commit=True: the clean
-        block ``tokens`` (B, L') of every row is appended to the cache (conditioned
-        on sigma = 0, as the clean copy in training) and the position advances."""
+        the cache rows ``rows`` (sorted, unique; all when None), attending to their
+        cached clean blocks and to the whole block; the cache is unchanged.
+        commit=True: the clean block ``tokens`` (B, L') of every row is appended to
+        the cache (conditioned on sigma = 0, as the clean copy in training) and the
+        position advances."""
         B, L = tokens.shape
         h = self.embed(tokens)
         cos, sin = self.rotary(L, h.device, h.dtype, offset=cache.position)

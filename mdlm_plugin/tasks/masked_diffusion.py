@@ -30,6 +30,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
@@ -89,11 +90,15 @@ class MaskedDiffusionConfig(LanguageModelingConfig):
         default="cap", metadata={"help": "generation, remdm: remasking probability sigma_t: "
                                          "cap min(eta, sigma_max), rescale eta sigma_max, "
                                          "conf by the token's probability when drawn"})
-    remdm_eta: float = field(
-        default=0.02, metadata={"help": "generation, remdm: eta (0: the ddpm step)"})
+    remdm_eta: Optional[float] = field(
+        default=None, metadata={"help": "generation, remdm: eta (0: the ddpm step; default: "
+                                        "the reference script's, cap 0.008, rescale 0.015, "
+                                        "loop 0.02)"})
     remdm_loop: bool = field(
-        default=False, metadata={"help": "generation, remdm: remask only for t in "
-                                         "[t_off, t_on), at alpha held at alpha_on"})
+        default=False, metadata={"help": "generation, remdm: remask with sigma = eta only "
+                                         "for t in (t_off, t_on], at alpha held at "
+                                         "alpha_on (the reference's remdm-loop; no "
+                                         "strategy)"})
     remdm_t_on: float = field(default=0.55, metadata={"help": "generation, remdm loop: t_on"})
     remdm_t_off: float = field(default=0.05, metadata={"help": "generation, remdm loop: t_off"})
     remdm_alpha_on: float = field(
