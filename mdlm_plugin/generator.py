@@ -411,7 +411,7 @@ class MaskedDiffusionGenerator:
 
 class TranslationGenerator(MaskedDiffusionGenerator):
     """Translation with a ``mdlm_translation`` model: each source becomes the template
-    ``[source ; <mask> x canvas]`` (``diffusion/conditional.py``), sampled by the same
+    ``[<mask> x canvas ; source]`` (``diffusion/conditional.py``), sampled by the same
     loop as any infilling template (the source is given, so it never changes); the
     hypothesis is the canvas up to its first ``</s>``, as a translation model's.
 
@@ -453,16 +453,14 @@ class TranslationGenerator(MaskedDiffusionGenerator):
                     f"{self.canvas}-token target canvas"
                     if s.numel() + self.canvas > self.window else
                     "a source contains <mask>, which translation does not fill")
-        templates = [torch.cat([s, s.new_full((self.canvas,), self.mask_index)]) for s in sources]
+        templates = [torch.cat([s.new_full((self.canvas,), self.mask_index), s]) for s in sources]
         hypos = self.generate_from_prompts(templates)
-        for s, hs in zip(sources, hypos):
+        for hs in hypos:
             for h in hs:
-                n = read_canvas(h["tokens"], s.numel(), self.canvas, self.eos)
-                start = s.numel()
-                h["tokens"] = h["tokens"][start:start + n]
-                h["positional_scores"] = h["positional_scores"][start:start + n]
+                n = read_canvas(h["tokens"], self.canvas, self.eos)
+                h["tokens"] = h["tokens"][:n]
+                h["positional_scores"] = h["positional_scores"][:n]
                 h["score"] = float(h["positional_scores"].mean())
                 if "history" in h:
-                    h["history"] = [{"tokens": x["tokens"][start:start + self.canvas]}
-                                    for x in h["history"]]
+                    h["history"] = [{"tokens": x["tokens"][:self.canvas]} for x in h["history"]]
         return hypos

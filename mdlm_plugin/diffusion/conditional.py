@@ -1,18 +1,20 @@
 """Conditional masked diffusion (source -> target) as a prefix model. Pure torch.
 
-One bidirectional denoiser reads ``[source ; target canvas]``: the source tokens
-(ending in ``</s>``, as fairseq-preprocess writes them) are given, the canvas is a
-fixed number C of positions holding the target, its ``</s>``, and ``</s>`` again up
-to C. The canvas is the sequence the diffusion models: the filler is a
+One bidirectional denoiser reads ``[target canvas ; source]``: the canvas is a fixed
+number C of positions holding the target, its ``</s>``, and ``</s>`` again up to C;
+the source tokens (ending in ``</s>``, as fairseq-preprocess writes them) follow it.
+The canvas comes first so that target position j is position j whatever the source
+length, and source token i sits at C + i: a constant offset, which rotary attention
+reads directly. The canvas is the sequence the diffusion models: the filler is a
 deterministic function of the target, so p(canvas | source) = p(target | source),
 and the model learns where the target ends the way it learns any token. A sampled
 canvas is read up to its first ``</s>``.
 
 The bound and the samplers need nothing new: the source is just given tokens. For
 the bound they are left out like padding (``objective.nelbo``'s ``pad_mask``: never
-masked, never scored); for the samplers ``[source ; <mask> x C]`` is an infilling
-template (a token that is not ``<mask>`` is given and never changes). Rows are right-padded after the canvas, so positions
-0..len(source)+C-1 are the same whatever the batch holds.
+masked, never scored); for the samplers ``[<mask> x C ; source]`` is an infilling
+template (a token that is not ``<mask>`` is given and never changes). Rows are
+right-padded after the source.
 """
 from __future__ import annotations
 
@@ -39,9 +41,9 @@ def canvas_of(target: torch.Tensor, canvas: int, eos: int) -> torch.Tensor:
 
 def join(sources: Sequence[torch.Tensor], canvases: Sequence[torch.Tensor], pad: int,
          max_positions: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``[source ; canvas]`` per row, right-padded with ``pad``: returns ``x`` (B, L)
+    """``[canvas ; source]`` per row, right-padded with ``pad``: returns ``x`` (B, L)
     and ``given`` (B, L), True at the source positions."""
-    rows = [torch.cat([s.long(), c.long()]) for s, c in zip(sources, canvases)]
+    rows = [torch.cat([c.long(), s.long()]) for s, c in zip(sources, canvases)]
     L = max(r.numel() for r in rows)
     if max_positions is not None and L > max_positions:
         longest = max(s.numel() for s in sources)
@@ -50,26 +52,25 @@ def join(sources: Sequence[torch.Tensor], canvases: Sequence[torch.Tensor], pad:
             f"need {L} positions; the model has {max_positions}")
     x = rows[0].new_full((len(rows), L), pad)
     given = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
-    for k, (s, r) in enumerate(zip(sources, rows)):
+    for k, (c, r) in enumerate(zip(canvases, rows)):
         x[k, :r.numel()] = r
-        given[k, :s.numel()] = True
+        given[k, c.numel():r.numel()] = True
     return x, given
 
 
 def training_input(sources: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
                    canvas: int, eos: int, pad: int, max_positions: Optional[int] = None):
-    """(x, not_scored) for ``objective.nelbo``: x = [source ; canvas of the target],
+    """(x, not_scored) for ``objective.nelbo``: x = [canvas of the target ; source],
     not_scored = the source and the padding (pass it as ``pad_mask``)."""
     x, given = join(sources, [canvas_of(t, canvas, eos) for t in targets], pad, max_positions)
     return x, given | x.eq(pad)
 
 
-def read_canvas(tokens: torch.Tensor, source_length: int, canvas: int, eos: int) -> int:
-    """Where the text of a sampled row (1-D ``[source ; canvas ; pad]``) ends: the
+def read_canvas(tokens: torch.Tensor, canvas: int, eos: int) -> int:
+    """Where the text of a sampled row (1-D ``[canvas ; source ; pad]``) ends: the
     number of canvas tokens up to and including the first ``eos`` (the whole canvas
     when it has none)."""
-    window = tokens[source_length:source_length + canvas]
-    ends = (window == eos).nonzero()
+    ends = (tokens[:canvas] == eos).nonzero()
     return int(ends[0]) + 1 if ends.numel() else canvas
 
 

@@ -1,5 +1,5 @@
 """fairseq model ``mdlm_translation``: the MDLM denoiser as a bidirectional prefix
-model over ``[source ; target canvas]`` (see ``diffusion/conditional.py``).
+model over ``[target canvas ; source]`` (see ``diffusion/conditional.py``).
 
 The same DiT as the LM (one embedding table, so the data must have a joined
 dictionary); the source is read in full by every position and never masked; the
@@ -30,7 +30,7 @@ class MDLMTranslationConfig(MDLMConfig):
 
 @register_model("mdlm_translation", dataclass=MDLMTranslationConfig)
 class MDLMTranslationModel(MDLMModel):
-    """x_theta([source ; z_t canvas]) over the joined dictionary (with <mask>)."""
+    """x_theta([z_t canvas ; source]) over the joined dictionary (with <mask>)."""
 
     @classmethod
     def build_model(cls, cfg, task):

@@ -182,6 +182,19 @@ class DiffusionTaskMixin:
         from ..generator import MaskedDiffusionGenerator
         return MaskedDiffusionGenerator
 
+    def get_batch_iterator(self, dataset, *args, **kwargs):
+        """fairseq's batching with --required-batch-size-multiple > 1 (default 8) leaves
+        out up to 7 examples at the end of a split when --batch-size is not a multiple
+        of it; a bound must score every token of the split and fairseq-generate must
+        answer every input, so batches here are never rounded. (fairseq's signature:
+        dataset, max_tokens, max_sentences, max_positions, ignore_invalid_inputs,
+        required_batch_size_multiple, ...)"""
+        if len(args) >= 5:
+            args = args[:4] + (1,) + args[5:]
+        else:
+            kwargs["required_batch_size_multiple"] = 1
+        return super().get_batch_iterator(dataset, *args, **kwargs)
+
     @property
     def uses_ema(self):
         return True
@@ -289,17 +302,6 @@ class MaskedDiffusionTask(DiffusionTaskMixin, LanguageModelingTask):
             raise MDLMUserError(
                 f"{e}: the data directory has no binarized '{split}' split; binarize it "
                 f"with fairseq-preprocess (--trainpref/--validpref/--testpref)") from None
-
-    def get_batch_iterator(self, dataset, *args, **kwargs):
-        """fairseq's batching with --required-batch-size-multiple > 1 (default 8) leaves
-        out up to 7 blocks at the end of a split when --batch-size is not a multiple
-        of it; a bound must score every token of the split, so batches here are
-        never rounded (with fixed-size blocks they are full-sized anyway)."""
-        if len(args) >= 4:
-            args = args[:3] + (1,) + args[4:]
-        else:
-            kwargs["required_batch_size_multiple"] = 1
-        return super().get_batch_iterator(dataset, *args, **kwargs)
 
     def load_state_dict(self, state_dict):
         """A checkpoint's task state (fairseq loads it before building the model): its

@@ -3,7 +3,7 @@ bilingual data (``fairseq-preprocess --source-lang S --target-lang T
 --joined-dictionary``), fairseq's ``translation`` task with:
 
 * the ``<mask>`` symbol appended to the joined dictionary (one table for both
-  sides: the ``mdlm_translation`` model reads ``[source ; target canvas]``);
+  sides: the ``mdlm_translation`` model reads ``[target canvas ; source]``);
 * the forward process, the evaluation protocol (``--eval-passes``, ``--eval-seed``)
   and the samplers of :class:`DiffusionOptions`, as for ``masked_diffusion``;
 * ``bound_input``: what the bound criteria (``--criterion mdlm``) score, the
@@ -120,7 +120,7 @@ class TranslationMaskedDiffusionTask(DiffusionTaskMixin, TranslationTask):
         return kept
 
     def bound_input(self, sample, model):
-        """``[source ; target canvas]``, the source and the padding not scored, and the
+        """``[target canvas ; source]``, the source and the padding not scored, and the
         number of target tokens (with their ``</s>``) as the normaliser."""
         pad, eos = self.target_dictionary.pad(), self.target_dictionary.eos()
         sources = strip_padding(sample["net_input"]["src_tokens"], pad)
