@@ -1,8 +1,11 @@
 """Conditional masked diffusion (translation): the core on oracles, then a copy task
 through fairseq-train, fairseq-validate and fairseq-generate --scoring sacrebleu."""
 import math
+import os
 import random
 import re
+import subprocess
+import sys
 from argparse import Namespace
 
 import pytest
@@ -200,7 +203,19 @@ def test_validate_reports_the_target_bound_with_se(copy_model):
     assert tokens == targets                        # target tokens with </s>, no padding
     loss, se = float(re.search(r"\| loss ([\d.]+)", out).group(1)), \
         float(re.search(r"bound_se ([\d.]+)", out).group(1))
-    assert 0 < se < loss < 2.0
+    assert se < loss < 1.0                          # a bound with its SE, after learning
+
+
+def test_interactive_translates_stdin_lines(copy_model):
+    data, ckpt = copy_model
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fairseq_cli.interactive", str(data), "--user-dir", USER_DIR,
+         "--task", "translation_masked_diffusion", "--path", str(ckpt), "--sampler",
+         "confidence", "--steps", "5", "--temperature", "0.1", "--cpu"],
+        input="a b c d\nj i h g f e\n", env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.findall(r"^D-\d+\t\S+\t(.*)$", proc.stdout, re.M) == ["a b c d", "j i h g f e"]
 
 
 @pytest.fixture(scope="module")
