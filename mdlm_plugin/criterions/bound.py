@@ -89,8 +89,7 @@ class DiffusionBoundCriterion(FairseqCriterion, abc.ABC):
         return torch.Generator(device=device).manual_seed(seed)
 
     def forward(self, model, sample, reduce=True):
-        x = sample["target"]
-        pad_mask = x.eq(self.padding_idx)
+        x, pad_mask, n_scored = self.task.bound_input(sample, model)
         evaluating = not model.training
         passes = self.eval_passes if evaluating else 1
         generator = (self._eval_generator if evaluating else self._train_generator)(
@@ -105,7 +104,7 @@ class DiffusionBoundCriterion(FairseqCriterion, abc.ABC):
             losses.append(terms.loss)
             n_masked += terms.n_masked
         loss = torch.stack(losses).mean()
-        ntokens = terms.n_tokens
+        ntokens = terms.n_tokens if n_scored is None else n_scored
         logging_output = {
             "loss": loss.detach().item(),
             "ntokens": ntokens,

@@ -37,7 +37,7 @@ import torch
 from fairseq.data import (Dictionary, IdDataset, ListDataset, NestedDictionaryDataset,
                           NumelDataset, PadDataset)
 from fairseq.data import indexed_dataset
-from fairseq.dataclass import ChoiceEnum
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 from fairseq import utils
@@ -58,11 +58,10 @@ DEFAULT_WINDOW = 1024      # language_modeling's --tokens-per-sample default
 
 
 @dataclass
-class MaskedDiffusionConfig(LanguageModelingConfig):
-    tokens_per_sample: int = field(
-        default=0, metadata={"help": f"tokens per sample (a block of text); also the sampling "
-                                     f"window. 0 (not given): {DEFAULT_WINDOW} for training; "
-                                     f"fairseq-generate/-interactive take the checkpoint's"})
+class DiffusionOptions(FairseqDataclass):
+    """The flags every masked-diffusion task shares (``masked_diffusion`` and
+    ``translation_masked_diffusion``): the forward process, the evaluation protocol
+    of the bound and the samplers."""
     noise_schedule: ChoiceEnum(list(SCHEDULES)) = field(
         default="loglinear", metadata={"help": "forward-process noise schedule"})
     noise_eps: float = field(
@@ -112,6 +111,14 @@ class MaskedDiffusionConfig(LanguageModelingConfig):
     confidence_noise: float = field(
         default=0.0, metadata={"help": "generation, confidence: temperature of the Gumbel "
                                        "noise added to the confidence (0: none)"})
+
+
+@dataclass
+class MaskedDiffusionConfig(LanguageModelingConfig, DiffusionOptions):
+    tokens_per_sample: int = field(
+        default=0, metadata={"help": f"tokens per sample (a block of text); also the sampling "
+                                     f"window. 0 (not given): {DEFAULT_WINDOW} for training; "
+                                     f"fairseq-generate/-interactive take the checkpoint's"})
     gen_length: int = field(
         default=0, metadata={"help": "generation: tokens per sample, prompt included "
                                      "(0: --tokens-per-sample). Longer than the window "
@@ -153,13 +160,92 @@ def check_binarized_split(split_path: str) -> None:
             f"for this split")
 
 
+def diffusion_setup(args, dictionary):
+    """(mask index, noise schedule) of a task from its :class:`DiffusionOptions`;
+    checks --eval-passes."""
+    mask_index = dictionary.index(MASK_SYMBOL) if dictionary is not None else None
+    if not 1 <= args.eval_passes <= MAX_EVAL_PASSES:
+        raise MDLMUserError(f"--eval-passes must be in [1, {MAX_EVAL_PASSES}], "
+                            f"got {args.eval_passes}")
+    schedule = build_schedule(str(args.noise_schedule), eps=args.noise_eps,
+                              sigma_min=args.sigma_min, sigma_max=args.sigma_max)
+    return mask_index, schedule
+
+
 def add_mask_symbol(dictionary: Dictionary) -> int:
     """Append <mask> (idempotent); the single place the symbol is added."""
     return dictionary.add_symbol(MASK_SYMBOL)
 
 
+class DiffusionTaskMixin:
+    """What every masked-diffusion task does the same way: EMA validation, the
+    training-noise key, and generation through a generator of ``generator.py``
+    (``generator_class``)."""
+
+    @staticmethod
+    def generator_class():
+        from ..generator import MaskedDiffusionGenerator
+        return MaskedDiffusionGenerator
+
+    def get_batch_iterator(self, dataset, *args, **kwargs):
+        """fairseq's batching with --required-batch-size-multiple > 1 (default 8) leaves
+        out up to 7 examples at the end of a split when --batch-size is not a multiple
+        of it; a bound must score every token of the split and fairseq-generate must
+        answer every input, so batches here are never rounded. (fairseq's signature:
+        dataset, max_tokens, max_sentences, max_positions, ignore_invalid_inputs,
+        required_batch_size_multiple, ...)"""
+        if len(args) >= 5:
+            args = args[:4] + (1,) + args[5:]
+        else:
+            kwargs["required_batch_size_multiple"] = 1
+        return super().get_batch_iterator(dataset, *args, **kwargs)
+
+    @property
+    def uses_ema(self):
+        return True
+
+    def train_step(self, sample, model, criterion, optimizer, update_num,
+                   ignore_grad=False, **kwargs):
+        # the trainer passes ema_model= when --store-ema is on; training ignores it
+        if hasattr(criterion, "set_num_updates"):
+            criterion.set_num_updates(update_num)    # keys the criterion's training noise
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
+    def valid_step(self, sample, model, criterion, ema_model=None, **kwargs):
+        """Validation scores the EMA weights when fairseq keeps them (--store-ema)."""
+        return super().valid_step(sample, ema_model if ema_model is not None else model,
+                                  criterion)
+
+    # ------------------------------------------------------------------ generation
+
+    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None,
+                        prefix_allowed_tokens_fn=None):
+        """The masked-diffusion sampler behind fairseq-generate / fairseq-interactive
+        (see ``mdlm_plugin/generator.py``); ``args`` is fairseq's generation config."""
+        unsupported = [
+            ("--lm-path", (extra_gen_cls_kwargs or {}).get("lm_model") is not None),
+            ("--score-reference (use fairseq-validate for the likelihood bound)",
+             getattr(args, "score_reference", False)),
+            ("--constraints", bool(getattr(args, "constraints", None))),
+            ("prefix_allowed_tokens_fn", prefix_allowed_tokens_fn is not None),
+        ]
+        for flag, used in unsupported:
+            if used:
+                raise MDLMUserError(f"{flag} is not supported by masked diffusion sampling")
+        return self.generator_class().from_task(self, models, args)
+
+    def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
+        """Data splits (fairseq-generate): ``--prefix-size K`` fixes the first K target
+        tokens, K = 0 samples unconditionally. Inference datasets (fairseq-interactive):
+        each input is a prompt or an infilling template."""
+        if constraints is not None:
+            raise MDLMUserError("--constraints is not supported by masked diffusion sampling")
+        with torch.no_grad():
+            return generator.generate(models, sample, prefix_tokens=prefix_tokens)
+
+
 @register_task("masked_diffusion", dataclass=MaskedDiffusionConfig)
-class MaskedDiffusionTask(LanguageModelingTask):
+class MaskedDiffusionTask(DiffusionTaskMixin, LanguageModelingTask):
 
     def __init__(self, args, dictionary, output_dictionary=None, targets=None):
         if getattr(args, "add_bos_token", False):
@@ -175,12 +261,7 @@ class MaskedDiffusionTask(LanguageModelingTask):
             args.tokens_per_sample = DEFAULT_WINDOW
         super().__init__(args, dictionary, output_dictionary, targets)
         self.state.merge_state_dict({"tokens_per_sample": args.tokens_per_sample})
-        self.mask_index = dictionary.index(MASK_SYMBOL) if dictionary is not None else None
-        if not 1 <= args.eval_passes <= MAX_EVAL_PASSES:
-            raise MDLMUserError(f"--eval-passes must be in [1, {MAX_EVAL_PASSES}], "
-                                f"got {args.eval_passes}")
-        self.schedule = build_schedule(str(args.noise_schedule), eps=args.noise_eps,
-                                       sigma_min=args.sigma_min, sigma_max=args.sigma_max)
+        self.mask_index, self.schedule = diffusion_setup(args, dictionary)
 
     @classmethod
     def setup_dictionary(cls, args, **kwargs):
@@ -227,17 +308,6 @@ class MaskedDiffusionTask(LanguageModelingTask):
                 f"{e}: the data directory has no binarized '{split}' split; binarize it "
                 f"with fairseq-preprocess (--trainpref/--validpref/--testpref)") from None
 
-    def get_batch_iterator(self, dataset, *args, **kwargs):
-        """fairseq's batching with --required-batch-size-multiple > 1 (default 8) leaves
-        out up to 7 blocks at the end of a split when --batch-size is not a multiple
-        of it; a bound must score every token of the split, so batches here are
-        never rounded (with fixed-size blocks they are full-sized anyway)."""
-        if len(args) >= 4:
-            args = args[:3] + (1,) + args[4:]
-        else:
-            kwargs["required_batch_size_multiple"] = 1
-        return super().get_batch_iterator(dataset, *args, **kwargs)
-
     def load_state_dict(self, state_dict):
         """A checkpoint's task state (fairseq loads it before building the model): its
         --tokens-per-sample becomes the window unless one was given on the command line
@@ -249,50 +319,13 @@ class MaskedDiffusionTask(LanguageModelingTask):
             self.args.tokens_per_sample = saved
         self.state.merge_state_dict({"tokens_per_sample": self.args.tokens_per_sample})
 
-    @property
-    def uses_ema(self):
-        return True
-
-    def train_step(self, sample, model, criterion, optimizer, update_num,
-                   ignore_grad=False, **kwargs):
-        # the trainer passes ema_model= when --store-ema is on; training ignores it
-        if hasattr(criterion, "set_num_updates"):
-            criterion.set_num_updates(update_num)    # keys the criterion's training noise
-        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
-
-    def valid_step(self, sample, model, criterion, ema_model=None, **kwargs):
-        """Validation scores the EMA weights when fairseq keeps them (--store-ema)."""
-        return super().valid_step(sample, ema_model if ema_model is not None else model,
-                                  criterion)
-
-    # ------------------------------------------------------------------ generation
-
-    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None,
-                        prefix_allowed_tokens_fn=None):
-        """The masked-diffusion sampler behind fairseq-generate / fairseq-interactive
-        (see ``mdlm_plugin/generator.py``); ``args`` is fairseq's generation config."""
-        from ..generator import MaskedDiffusionGenerator
-
-        unsupported = [
-            ("--lm-path", (extra_gen_cls_kwargs or {}).get("lm_model") is not None),
-            ("--score-reference (use fairseq-validate for the likelihood bound)",
-             getattr(args, "score_reference", False)),
-            ("--constraints", bool(getattr(args, "constraints", None))),
-            ("prefix_allowed_tokens_fn", prefix_allowed_tokens_fn is not None),
-        ]
-        for flag, used in unsupported:
-            if used:
-                raise MDLMUserError(f"{flag} is not supported by masked diffusion sampling")
-        return MaskedDiffusionGenerator.from_task(self, models, args)
-
-    def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
-        """Data splits (fairseq-generate): ``--prefix-size K`` fixes the first K target
-        tokens, K = 0 samples unconditionally. Inference datasets (fairseq-interactive):
-        each input is a prompt or an infilling template."""
-        if constraints is not None:
-            raise MDLMUserError("--constraints is not supported by masked diffusion sampling")
-        with torch.no_grad():
-            return generator.generate(models, sample, prefix_tokens=prefix_tokens)
+    def bound_input(self, sample, model):
+        """What a bound criterion scores: ``(x, not_scored, n_scored)``, the clean
+        sequences (B, L), the positions left out of the bound (never masked, never
+        counted: here the padding) and the token count the bound is normalised by
+        (None: every scored position)."""
+        x = sample["target"]
+        return x, x.eq(self.source_dictionary.pad()), None
 
     def get_interactive_tokens_and_lengths(self, lines, encode_fn):
         """Input lines to token ids, without the end-of-sentence symbol (a prompt is
