@@ -78,16 +78,19 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients():
                                    msg=name)
 
 
-def test_graph_breaks_outside_the_blocks_are_the_padding_test_only():
-    """The whole forward: its breaks are the host-side ``bool(padding_mask.any())`` in
-    ``DiT.hidden`` (does the batch need a mask: on a GPU a sync, see docs/gpu.md); the
-    gather of the masked positions (``x[positions]``, a data-dependent shape) is traced
-    into its own graph without a break; nothing breaks inside a block."""
+def test_graph_breaks_outside_the_blocks_are_listed():
+    """The whole forward breaks at exactly three lines, none inside a block:
+    - ``bool(padding_mask.any())`` in ``DiT.hidden``: does the batch need a mask at all
+      (without padding SDPA runs maskless, hence flash attention on a GPU); a host sync;
+    - ``x[positions]`` and ``rows[positions]`` in ``DiT._head``: boolean indexing of the
+      masked positions, a data-dependent shape, so that the output layer runs on the
+      masked positions only (the largest matmul with a big vocabulary).
+    With ``--compile-blocks`` these lines stay eager, between the compiled blocks."""
     net = tiny()
     x, pad, masked = batch()
     torch._dynamo.reset()
     e = torch._dynamo.explain(net)(x, padding_mask=pad, positions=masked)
-    where = [(b.user_stack[-1].name, b.user_stack[-1].line.strip()) for b in e.break_reasons]
-    assert where, "the padding test is a graph break"
-    assert set(where) == {("hidden", "elif padding_mask is not None and "
-                                     "bool(padding_mask.any()):")}, where
+    where = {(b.user_stack[-1].name, b.user_stack[-1].line.strip()) for b in e.break_reasons}
+    assert where == {("hidden", "elif padding_mask is not None and bool(padding_mask.any()):"),
+                     ("_head", "h, rows = x[positions], None"),
+                     ("_head", "rows = rows[positions]")}, where

@@ -188,13 +188,14 @@ def flex_attention_available(device) -> bool:
 _COMPILED_FLEX = None
 
 
-def _flex_attention():
-    """flex_attention compiled once (its fused kernels exist only under torch.compile;
-    eager it materialises every score); inside a compiled block the plain function is
-    traced into the block's graph instead."""
+def _flex_attention(device):
+    """flex_attention compiled once on CUDA (its fused kernels exist only under
+    torch.compile; eager it materialises every score); inside a compiled block the
+    plain function is traced into the block's graph instead; on CPU the eager reference
+    (forward only: what the equality test with SDPA runs)."""
     global _COMPILED_FLEX
     from torch.nn.attention.flex_attention import flex_attention
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or device.type != "cuda":
         return flex_attention
     if _COMPILED_FLEX is None:
         _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
@@ -240,7 +241,8 @@ class FlexBlockMask:
 
             def score_mod(score, b, h, q_idx, kv_idx):
                 return torch.where(pad[b, kv_idx] & (q_idx != kv_idx), -float("inf"), score)
-        return _flex_attention()(q, k, v, score_mod=score_mod, block_mask=self.block_mask)
+        return _flex_attention(q.device)(q, k, v, score_mod=score_mod,
+                                         block_mask=self.block_mask)
 
 
 class DiTBlock(nn.Module):
