@@ -142,6 +142,9 @@ def train_runs(args, device, gpu, only):
                 continue
             run = gpu_mfu.parse_run(model, "".join(out["lines"]), a, out["wall_s"], cmd)
             s = gpu_mfu.summarize([run], a, peak)[model]
+            if "--distributed-world-size" in extra and s["mfu"] is not None:
+                # fairseq's wps counts every worker's tokens: MFU per device
+                s["mfu"] /= int(extra[extra.index("--distributed-world-size") + 1])
             bad = [x for x in run["losses"] if not math.isfinite(x)]
             rows.append(row("train", setting, s["tokens_per_s"], s["mfu"],
                             f"FAIL: {len(bad)} NaN/inf losses" if bad else
