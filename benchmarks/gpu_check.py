@@ -44,7 +44,7 @@ FLAGS = {"--smoke": (bool, False, "tiny sizes on CPU (under a minute on an idle 
 GPU = ["--seq-len", "1024", "--batch-size", "16", "--warmup-updates", "10", "--updates", "30",
        "--log-interval", "10", "--repeats", "1", "--run-timeout", "180"]
 SMOKE = ["--smoke", "--warmup-updates", "2", "--updates", "2", "--log-interval", "2",
-         "--corpus-tokens", "20000", "--run-timeout", "120"]
+         "--corpus-tokens", "20000", "--run-timeout", "900"]
 BLOCK = 16          # BD3's block size L' (divides 1024 and the smoke length 64)
 SAMPLING = {"gpu": dict(layers=12, dim=768, heads=12, vocab=50258, length=1024, batch=16,
                         steps=128),

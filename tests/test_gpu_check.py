@@ -17,7 +17,7 @@ def test_smoke_mode_prints_its_table(tmp_path):
     out = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", "gpu_check.py"), "--smoke",
          "--runs", "mdlm_bf16", "--workdir", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+        cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "| step" in out.stdout and "mdlm_bf16" in out.stdout
     rows = json.load(open(tmp_path / "gpu_check.json"))["rows"]
