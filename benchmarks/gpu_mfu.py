@@ -121,10 +121,10 @@ def train_command(model, args, data, device):
         "--seed", "1", "--no-save", "--disable-validation", "--num-workers", args.num_workers,
         "--log-format", "json", "--log-interval", args.log_interval,
         "--save-dir", os.path.join(args.workdir, "unused"), "--" + args.precision]
-    if model == "mdlm":
+    if model in ("mdlm", "mdlm_ar"):     # MDLM, or its autoregressive twin (same DiT)
         size = recipes.Size(args.layers, args.dim, args.heads, max_positions=args.seq_len)
-        return recipes.train_command("mdlm", data, protocol, exe=entry, size=size,
-                                     arch="mdlm_small", dropout="0.1", device=device)
+        return recipes.train_command(model, data, protocol, exe=entry, size=size,
+                                     arch=f"{model}_small", dropout="0.1", device=device)
     size = recipes.Size(args.layers, args.dim, args.heads, ffn=args.ffn)
     return recipes.train_command(
         "transformer_lm", data, protocol, exe=entry, size=size, dropout="0.1", user_dir=True,
@@ -192,7 +192,7 @@ def summarize(runs, args, peak):
         mine = [r for r in runs if r["model"] == model]
         tps = statistics.median(r["tokens_per_s"] for r in mine)
         vocab_out = mine[0]["dictionary"] or args.vocab
-        ffn = 4 * args.dim if model == "mdlm" else args.ffn
+        ffn = 4 * args.dim if model in ("mdlm", "mdlm_ar") else args.ffn
         f = flops_per_token(args, vocab_out, ffn)
         frac = mine[0]["mask_frac"] if model == "mdlm" else 1.0
         f_exec = flops_per_token(args, vocab_out, ffn, head_fraction=frac or 1.0)
@@ -258,13 +258,19 @@ def run_all(args, data, device, log_dir):
     return runs
 
 
+def pick_device(smoke: bool) -> str:
+    """cuda when there is one; cpu only for --smoke (else exit with what to do)."""
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not smoke:
+        sys.exit("no CUDA device: run on a GPU, or use --smoke for a CPU check")
+    return device
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    import torch
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.smoke:
-        sys.exit("no CUDA device: run on a GPU, or use --smoke for a CPU check")
+    device = pick_device(args.smoke)
     gpu = gpu_info()
     peak, peak_source = peak_flops(args, gpu)
     log_dir = os.path.join(args.output_dir, "logs")

@@ -55,6 +55,8 @@ FLAGS = {"--updates": (int, 60, "training updates per run"),
          "--output-dir": (str, "benchmarks/results", "results, plot and logs (repo-relative)"),
          "--run-timeout": (float, 3600.0, "seconds before a run is killed"),
          "--amp": (bool, False, "GPU only: --amp for both runs"),
+         "--compile-blocks": (bool, False, "MDLM/BD3 runs with --compile-blocks (compare "
+                              "with a run without it, into another --output-dir)"),
          "--report-only": (bool, False, "only rewrite results.md and the plot from "
                            "--output-dir/results.json")}
 
@@ -92,6 +94,7 @@ def train_command(model: str, args, data_dir: str, device: str, save_dir: str) -
         "--num-workers", args.num_workers]
     size = recipes.ARCH_SIZES["tiny"] if model == BASELINE else None   # sized to match
     extra = ["--block-size", args.block_size] if model == BD3 else []
+    extra += ["--compile-blocks"] if args.compile_blocks and model != BASELINE else []
     return recipes.train_command(BASELINE if model == BASELINE else "mdlm", data_dir, protocol,
                                  size=size, dropout=args.dropout, device=device, model_extra=extra,
                                  overrides=["--amp"] if device == "cuda" and args.amp else [])

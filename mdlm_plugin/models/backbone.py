@@ -22,6 +22,7 @@ new positions' rotary angles start at the cached length.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Dict, Optional, Tuple
 
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 
 # the output layer runs on at least this many positions (see DiT.forward)
 MIN_HEAD_ROWS = 16
+# block diffusion's training attention: flex where available (CUDA), else SDPA
+BLOCK_ATTENTION = ("auto", "flex", "sdpa")
 
 
 class LayerNorm(nn.Module):
@@ -181,6 +184,75 @@ def block_diffusion_mask(length: int, block_size: int, padding_mask=None, device
     return keep
 
 
+def flex_attention_available(device) -> bool:
+    """Whether block diffusion's training pass can use ``flex_attention`` on ``device``:
+    the module imports (torch >= 2.5) and the device is CUDA (on CPU flex attention runs
+    forward only, through a slow reference path, and has no backward)."""
+    if torch.device(device).type != "cuda":
+        return False
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
+_COMPILED_FLEX = None
+
+
+def _flex_attention(device):
+    """flex_attention compiled once on CUDA (its fused kernels exist only under
+    torch.compile; eager it materialises every score); inside a compiled block the
+    plain function is traced into the block's graph instead; on CPU the eager reference
+    (forward only: what the equality test with SDPA runs)."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+    if torch.compiler.is_compiling() or device.type != "cuda":
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+def block_diffusion_mask_mod(length: int, block_size: int):
+    """:func:`block_diffusion_mask` without padding, as a flex-attention mask_mod over
+    query/key indices of the 2L sequence (noisy copy, then clean copy)."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_clean, k_clean = q_idx >= length, kv_idx >= length
+        bq = (q_idx - q_clean * length) // block_size
+        bk = (kv_idx - k_clean * length) // block_size
+        noisy_q = ~q_clean & ((~k_clean & (bq == bk)) | (k_clean & (bq > bk)))
+        clean_q = q_clean & k_clean & (bq >= bk)
+        return noisy_q | clean_q
+    return mask_mod
+
+
+class FlexBlockMask:
+    """Block diffusion's attention for ``flex_attention``: the block mask of (L, L') is
+    built once per (L, L', device) and cached (it depends on neither the batch nor the
+    tokens); padding keys are removed by a score_mod reading ``padding_mask`` (B, L), so
+    the batch needs no mask of its own and the step no host-side test of the padding.
+    As in the SDPA mask, every query keeps its own key (no empty row)."""
+
+    _cache: Dict[tuple, object] = {}
+
+    def __init__(self, length: int, block_size: int, padding_mask=None, device=None):
+        key = (length, block_size, str(device))
+        if key not in self._cache:
+            from torch.nn.attention.flex_attention import create_block_mask
+            self._cache[key] = create_block_mask(
+                block_diffusion_mask_mod(length, block_size), None, None, 2 * length,
+                2 * length, device=device)
+        self.block_mask, self.length = self._cache[key], length
+        self.keys = None if padding_mask is None else torch.cat([padding_mask, padding_mask], 1)
+
+    def __call__(self, q, k, v):
+        score_mod = None
+        if self.keys is not None:
+            pad = self.keys
+
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return torch.where(pad[b, kv_idx] & (q_idx != kv_idx), -float("inf"), score)
+        return _flex_attention(q.device)(q, k, v, score_mod=score_mod,
+                                         block_mask=self.block_mask)
+
+
 class DiTBlock(nn.Module):
     def __init__(self, dim: int, heads: int, cond_dim: int, dropout: float, causal: bool):
         super().__init__()
@@ -198,7 +270,8 @@ class DiTBlock(nn.Module):
     def forward(self, x, c, cos, sin, attn_mask: Optional[torch.Tensor],
                 cache: Optional[KVCache] = None, layer: int = 0):
         """x (B, L, D); cos/sin of x's positions; attn_mask (B or 1, 1, L, T) bool,
-        True where a query may attend to a key, or None (all keys, or causal);
+        True where a query may attend to a key, or None (all keys, or causal), or a
+        :class:`FlexBlockMask` (block diffusion through flex attention);
         with a cache, x holds the new positions only and T counts the cached ones."""
         B, L, D = x.shape
         mods = self.adaLN(c)                # c (B, C), or (B, L, C) per position
@@ -212,10 +285,13 @@ class DiTBlock(nn.Module):
             k, v = cache.append(layer, k, v)
         # SDPA's is_causal aligns the mask top-left, right only without cached keys; a
         # single new query with cached keys may see them all
-        a = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask,
-            is_causal=self.causal and attn_mask is None and k.size(2) == L,
-            dropout_p=0.0)
+        if isinstance(attn_mask, FlexBlockMask):
+            a = attn_mask(q, k, v)
+        else:
+            a = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask,
+                is_causal=self.causal and attn_mask is None and k.size(2) == L,
+                dropout_p=0.0)
         a = self.attn_out(a.transpose(1, 2).reshape(B, L, D))
         x = torch.addcmul(x, gate1, F.dropout(a, self.dropout, self.training))
 
@@ -261,8 +337,12 @@ class DiT(nn.Module):
 
     def __init__(self, vocab_size: int, dim: int, layers: int, heads: int, cond_dim: int = 128,
                  dropout: float = 0.1, max_positions: int = 1024, causal: bool = False,
-                 time_conditioning: bool = False):
+                 time_conditioning: bool = False, block_attention: str = "auto"):
         super().__init__()
+        if block_attention not in BLOCK_ATTENTION:
+            raise ValueError(f"block_attention must be one of {BLOCK_ATTENTION}, "
+                             f"not {block_attention!r}")
+        self.block_attention = block_attention
         if dim % heads != 0 or (dim // heads) % 2 != 0:
             raise ValueError(f"embed dim {dim} must be divisible by heads {heads} "
                              f"into an even head size")
@@ -287,6 +367,24 @@ class DiT(nn.Module):
         # checkpoints from before logit_mask existed: nothing is masked
         state_dict.setdefault(prefix + "logit_mask", torch.zeros_like(self.logit_mask))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def compile_blocks(self, **options):
+        """Compile each DiT block in place (``nn.Module.compile``: parameter names and
+        checkpoints unchanged) with ``torch.compile(**options)``. A block has no graph
+        break (tests/test_compile.py); the code around the blocks (padding, gathering
+        the masked positions) stays eager, so its data-dependent shapes cause no
+        recompilation."""
+        for block in self.blocks:
+            block.compile(**options)
+        return self
+
+    def uses_flex(self, device) -> bool:
+        """Whether ``forward_blocks`` runs its attention through flex attention."""
+        if self.block_attention == "sdpa":
+            return False
+        if self.block_attention == "flex":
+            return True
+        return flex_attention_available(device)
 
     def condition(self, batch: int, sigma=None, device=None):
         """The adaLN conditioning vector: (B, C) from sigma with time conditioning, or
@@ -366,7 +464,9 @@ class DiT(nn.Module):
         the clean copy ``x`` (B, L) as one sequence of 2L positions (both copies at
         rotary positions 0..L-1) under :func:`block_diffusion_mask`; returns the
         noisy copy's logits as ``forward`` does. ``sigma`` (B,) or (B, L) per token
-        is read with time conditioning (the clean copy is conditioned on 0)."""
+        is read with time conditioning (the clean copy is conditioned on 0). The
+        attention is flex attention with a cached block mask where ``uses_flex`` (CUDA,
+        or ``block_attention="flex"``), else SDPA with a dense mask."""
         B, L = x.shape
         if L > self.max_positions:
             raise ValueError(f"sequence length {L} exceeds the model's max_positions "
@@ -379,7 +479,10 @@ class DiT(nn.Module):
             c = self.condition(B, torch.cat([sigma, torch.zeros_like(sigma)], 1), h.device)
         else:
             c = self.condition(B, None, h.device)
-        mask = block_diffusion_mask(L, block_size, padding_mask, h.device)
+        if self.uses_flex(h.device):
+            mask = FlexBlockMask(L, block_size, padding_mask, h.device)
+        else:
+            mask = block_diffusion_mask(L, block_size, padding_mask, h.device)
         for i, block in enumerate(self.blocks):
             h = block(h, c, cos, sin, mask)
         return self._head(h[:, :L], c[:, :L] if c.dim() == 3 else c, positions)

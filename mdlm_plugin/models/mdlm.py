@@ -53,6 +53,16 @@ class MDLMConfig(FairseqDataclass):
         default=False,
         metadata={"help": "feed the noise level sigma(t) to the network (off in the paper; "
                           "without it the cached sampler is exact)"})
+    compile_blocks: bool = field(
+        default=False,
+        metadata={"help": "compile each transformer block with torch.compile (inductor): "
+                          "the blocks have no graph break; the first updates pay the "
+                          "compilation, and new batch shapes a recompilation"})
+    block_attention: str = field(
+        default="auto",
+        metadata={"help": "block diffusion's training attention: flex (flex_attention with "
+                          "a cached block mask), sdpa (a dense mask), or auto: flex on "
+                          "CUDA, sdpa elsewhere (flex has no backward on CPU)"})
     block_size: Optional[int] = field(
         default=None,
         metadata={"help": "block diffusion (BD3-LM): blocks of L' tokens, each a masked "
@@ -73,7 +83,10 @@ class MDLMModel(BaseFairseqModel):
             vocab_size=len(dictionary), dim=cfg.embed_dim, layers=cfg.layers,
             heads=cfg.attention_heads, cond_dim=cfg.cond_dim, dropout=cfg.dropout,
             max_positions=cfg.max_positions, causal=False,
-            time_conditioning=cfg.time_conditioning)
+            time_conditioning=cfg.time_conditioning,
+            block_attention=safe_getattr(cfg, "block_attention", "auto"))
+        if safe_getattr(cfg, "compile_blocks", False):
+            self.backbone.compile_blocks()
         # a uint8 buffer, so it travels in every checkpoint; fairseq's EMA averages every
         # state-dict entry except keys containing "version", hence the name
         self.register_buffer("dictionary_version", dictionary_fingerprint(dictionary))

@@ -53,6 +53,7 @@ class MDLMARConfig(FairseqDataclass):
     cond_dim: int = _as_in_mdlm("cond_dim")
     dropout: float = _as_in_mdlm("dropout")
     max_positions: int = _as_in_mdlm("max_positions")
+    compile_blocks: bool = _as_in_mdlm("compile_blocks")
 
 
 class MDLMARDecoder(FairseqIncrementalDecoder):
@@ -66,6 +67,8 @@ class MDLMARDecoder(FairseqIncrementalDecoder):
             vocab_size=len(dictionary), dim=cfg.embed_dim, layers=cfg.layers,
             heads=cfg.attention_heads, cond_dim=cfg.cond_dim, dropout=cfg.dropout,
             max_positions=cfg.max_positions, causal=True, time_conditioning=False)
+        if getattr(cfg, "compile_blocks", False):
+            self.backbone.compile_blocks()
 
     def forward(self, prev_output_tokens, encoder_out=None, incremental_state=None,
                 features_only=False, **kwargs):
