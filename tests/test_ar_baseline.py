@@ -170,7 +170,8 @@ def test_architectures_have_the_mdlm_sizes_and_parameters():
     ar_shapes = {k: v.shape for k, v in ar_model.decoder.backbone.state_dict().items()}
     assert mdlm_shapes.keys() == ar_shapes.keys()
     for k, shape in mdlm_shapes.items():
-        vocab_rows = k in ("embed.weight", "final.head.weight", "final.head.bias")
+        vocab_rows = k in ("embed.weight", "final.head.weight", "final.head.bias",
+                           "logit_mask")
         assert ar_shapes[k] == ((len(d),) + shape[1:] if vocab_rows else shape), k
 
 

@@ -234,7 +234,8 @@ def test_a_round_through_fairseq_train_resumes_validates_and_samples(ptb_tiny, t
     fairseq_cli(*train, "--max-update", "10")
     resumed = fairseq_cli(*train, "--max-update", "20")          # the same run, resumed
     log = resumed.stdout + resumed.stderr
-    assert re.search(r"loaded checkpoint .*checkpoint_last\.pt .*10 updates", log), log[-2000:]
+    assert re.search(r"loaded checkpoint .*checkpoint_last\.pt .*10 updates", log, re.I), \
+        log[-2000:]
     valid = [json.loads(line.split("|")[-1]) for line in log.splitlines()
              if '"valid_sdtt_div"' in line]
     assert valid and float(valid[-1]["valid_sdtt_div"]) > 0
