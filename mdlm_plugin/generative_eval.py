@@ -134,18 +134,32 @@ def ar_samples(model, n: int, length: int, bos: int, seed: int, batch_size: int 
 
 
 def mdlm_samples(task, model, n: int, length: int, steps: int, sampler: str, seed: int,
-                 batch_size: int = 16, semi_ar_stride: int = 0
+                 batch_size: int = 16, semi_ar_stride: int = 0,
+                 options: Optional[Dict] = None, top_p: float = 1.0
                  ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """``n`` unconditional MDLM samples of ``length`` tokens through the task's own
     generator (what fairseq-generate / fairseq-interactive build), and its statistics
-    (``scores``: each token's log-probability, what the P- lines print)."""
+    (``scores``: each token's log-probability, what the P- lines print). ``options``:
+    the task's sampler flags by their field names (``{"remdm_loop": True}``), set for
+    these samples only; ``top_p``: fairseq's ``--sampling-topp`` (temperature is 1)."""
     from fairseq.dataclass.configs import GenerationConfig
-    task.args.sampler, task.args.steps, task.args.seed = sampler, steps, seed
-    task.args.gen_length, task.args.semi_ar_stride = length, semi_ar_stride
-    gen = task.build_generator([model], GenerationConfig())   # temperature 1, no top-p
-    hypos = []
-    for b in batches(n, batch_size):
-        hypos += [h[0] for h in gen.generate_from_prompts([torch.empty(0, dtype=torch.long)] * b)]
+    options = {"sampler": sampler, "steps": steps, "seed": seed, "gen_length": length,
+               "semi_ar_stride": semi_ar_stride, **(options or {})}
+    unknown = sorted(k for k in options if not hasattr(task.args, k))
+    if unknown:
+        raise ValueError(f"not sampler flags of task {type(task).__name__}: {unknown}")
+    saved = {k: getattr(task.args, k) for k in options}
+    try:
+        for k, v in options.items():
+            setattr(task.args, k, v)
+        gen = task.build_generator([model], GenerationConfig(sampling_topp=top_p))
+        hypos = []
+        for b in batches(n, batch_size):
+            hypos += [h[0] for h in gen.generate_from_prompts(
+                [torch.empty(0, dtype=torch.long)] * b)]
+    finally:
+        for k, v in saved.items():
+            setattr(task.args, k, v)
     st = gen.stats
     return torch.stack([h["tokens"] for h in hypos]), {
         "network_calls": st.network_calls, "row_calls": st.row_calls, "seconds": st.seconds,

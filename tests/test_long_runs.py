@@ -92,9 +92,66 @@ def test_points_resume_extend_and_report(ptb_tiny, tmp_path, scored):
     with pytest.raises(SystemExit, match="mdlm@0.5 has no best checkpoint"):
         invoke(ptb_tiny, tmp_path, "--rows", "bd3_4@0~mdlm@0.5", "--max-update", "4")
 
+    check_samples(ptb_tiny, tmp_path)
+
     # the same name with another recipe is refused, not mixed into the record
     with pytest.raises(SystemExit, match="another recipe"):
         invoke(ptb_tiny, tmp_path, *rows, "--max-update", "8", "--lr", "0.002")
+
+
+def check_samples(data, tmp_path):
+    """--sample-only: every row's sets from its best checkpoint under the chosen AR row's
+    judge, recorded with the checkpoint's update; a second invocation draws only the set
+    it lacks; options reach the sampler; a bad set is refused before anything runs."""
+    drawn = []
+    real = long_runs.draw
+
+    def counting(sset, loaded, args):
+        drawn.append(sset["label"])
+        return real(sset, loaded, args)
+    sets = ["ddpm_cache:4", "remdm:4:remdm_loop=true,top_p=0.9"]
+    rows = ["--rows", "mdlm@0", "mdlm_ar@0.1", "bd3_4@0~mdlm@0", "--max-update", "8",
+            "--sample-only", "--samples", "3", "--sample-batch", "2"]
+    mp = pytest.MonkeyPatch()
+    mp.setattr(long_runs, "draw", counting)
+    try:
+        res = invoke(data, tmp_path, *rows, "--sample-sets", *sets)
+        assert sorted(drawn) == sorted(["ancestral:32"] + 2 * sets)
+        sp = res["sampling"]
+        assert sp["judge"] == "mdlm_ar@0.1" and sp["samples"] == 3 and sp["length"] == 32
+        for name, rec in res["rows"].items():
+            smp = rec["samples"]
+            assert smp["update"] == rec["best"]["update"] and smp["finished"]
+            assert set(smp["sets"]) == ({"ancestral:32"} if name == "mdlm_ar@0.1" else set(sets))
+            for e in smp["sets"].values():
+                assert e["gen_ppl"]["mdlm_ar@0.1"] > 1 and 0 < e["entropy"]
+                assert 0 <= e["repetition"] <= 1 and e["calls_per_sample"] > 0
+        # ddpm_cache never spends more row evaluations than its steps (and 32 tokens)
+        assert res["rows"]["mdlm@0"]["samples"]["sets"]["ddpm_cache:4"][
+            "calls_per_sample"] <= 4
+        md = (tmp_path / "out" / "results.md").read_text()
+        assert "## Samples from the best validation checkpoints" in md
+        assert "| mdlm@0 (update " in md and "remdm:4:remdm_loop=true,top_p=0.9" in md
+        assert (tmp_path / "out" / "samples.png").stat().st_size > 10_000
+        assert any("--sample-only" in c for c in res["commands"]) and len(res["commands"]) > 1
+        before = len(drawn)
+        invoke(data, tmp_path, *rows, "--sample-sets", *sets, "confidence:4")
+        assert drawn[before:] == ["confidence:4", "confidence:4"]   # mdlm@0 and bd3_4
+    finally:
+        mp.undo()
+    for bad in ("ddpm:0", "nosuch:4", "remdm:4:eta", "ddpm:4:top_p=2"):
+        with pytest.raises(SystemExit):
+            long_runs.parse_args(["--name", "x", "--rows", "mdlm@0", "--sample-sets", bad])
+    with pytest.raises(ValueError, match="not sampler flags"):
+        long_runs.draw(long_runs.parse_sample_set("ddpm:4:no_such_flag=1"),
+                       load_tiny(data, tmp_path), long_runs.parse_args(
+                           ["--name", "x", "--rows", "mdlm@0", *TINY]))
+
+
+def load_tiny(data, tmp_path):
+    from mdlm_plugin.generative_eval import load_checkpoint
+    return load_checkpoint(str(tmp_path / "runs" / "mdlm_d0" / "checkpoint_best.pt"), str(data),
+                           {"tokens_per_sample": 32})
 
 
 def test_early_stop_on_a_plateau_survives_segments(ptb_tiny, tmp_path, scored):

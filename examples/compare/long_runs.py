@@ -63,8 +63,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="rows trained at once")
     p.add_argument("--eval-passes", type=int, default=4, help="Monte-Carlo passes of a test bound")
     p.add_argument("--report-only", action="store_true", help="re-render from results.json")
+    s = p.add_argument_group("samples from the trained rows (--sample-only)")
+    s.add_argument("--sample-only", action="store_true",
+                   help="train nothing: sample from each row's best validation checkpoint as "
+                   "it is now, judged by the chosen AR row's best checkpoint")
+    s.add_argument("--sample-sets", nargs="+", default=list(SAMPLE_SETS),
+                   metavar="SAMPLER:STEPS[:FLAG=VALUE,...]",
+                   help="diffusion rows' sample sets; FLAG: a task sampler flag by its field "
+                   "name (remdm_loop, confidence_noise, ...) or top_p (--sampling-topp)")
+    s.add_argument("--samples", type=int, default=64, help="samples per row and set")
+    s.add_argument("--sample-batch", type=int, default=16)
     compare.add_training_flags(p, max_update=4800, validate_every=200, threads=1)
     return p
+
+
+# the reference repositories' settings: T = 1000 ancestral (MDLM), the window's 128 steps,
+# ReMDM-loop at p = 0.9 with T = 1024 (kuleshov-group/remdm scripts/remdm-loop.sh), and
+# MaskGIT-style confidence decoding with its annealed choice noise
+SAMPLE_SETS = ("ddpm_cache:1000", "ddpm_cache:128", "first_hitting:128",
+               "remdm:1024:remdm_loop=true,top_p=0.9", "confidence:128:confidence_noise=1")
+
+
+def parse_sample_set(text: str) -> Dict[str, object]:
+    """``SAMPLER:STEPS[:FLAG=VALUE,...]`` -> {"label", "sampler", "steps", "options",
+    "top_p"}; values are read as JSON (true, 0.9) or kept as strings."""
+    from mdlm_plugin.diffusion.samplers import SAMPLERS
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or parts[0] not in SAMPLERS or not parts[1].isdigit() \
+            or int(parts[1]) <= 0:
+        raise ValueError(f"{text!r} is not SAMPLER:STEPS[:FLAG=VALUE,...] with SAMPLER one of "
+                         f"{', '.join(SAMPLERS)} (e.g. remdm:1024:remdm_loop=true,top_p=0.9)")
+    options: Dict[str, object] = {}
+    for kv in filter(None, (parts[2] if len(parts) == 3 else "").split(",")):
+        key, eq, value = kv.partition("=")
+        if not eq:
+            raise ValueError(f"{text!r}: {kv!r} is not FLAG=VALUE")
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except ValueError:
+            options[key.replace("-", "_")] = value
+    top_p = float(options.pop("top_p", 1.0))
+    if not 0 < top_p <= 1:
+        raise ValueError(f"{text!r}: top_p must be in (0, 1]")
+    return {"label": text, "sampler": parts[0], "steps": int(parts[1]), "options": options,
+            "top_p": top_p}
 
 
 def parse_args(argv=None):
@@ -76,6 +118,12 @@ def parse_args(argv=None):
         p.error(f"--rows: {err}")
     if not (args.rows or args.report_only):
         p.error("--rows is empty")
+    try:
+        args.sample_sets = [parse_sample_set(t) for t in args.sample_sets]
+    except ValueError as err:
+        p.error(f"--sample-sets: {err}")
+    if args.samples <= 0 or args.sample_batch <= 0:
+        p.error("--samples and --sample-batch must be positive")
     if args.eval_every <= 0 or args.validate_interval_updates <= 0 or \
             args.eval_every % args.validate_interval_updates:
         p.error("--eval-every must be a positive multiple of --validate-interval-updates")
@@ -239,15 +287,27 @@ class Records:
             return {"rows": {}}
         return reporting.read_json(self.path)
 
-    def update(self, name: str, change) -> Dict:
+    def update_header(self, key: str, value) -> None:
+        """A top-level entry besides the rows (the sampling protocol)."""
+        self.header[key] = value
+        self.update(None, lambda _: None)
+
+    def update(self, name: Optional[str], change) -> Dict:
         with self.lock, open(self.path + ".lock", "w") as lk:
             fcntl.flock(lk, fcntl.LOCK_EX)
-            res = {**self.read(), **self.header}
-            change(res["rows"].setdefault(name, {}))
+            old = self.read()
+            res = {**old, **self.header}
+            # every distinct invocation that wrote here (rows trained, samples drawn)
+            res["commands"] = list(old.get("commands") or (
+                [old["command"]] if "command" in old else []))
+            if self.header["command"] not in res["commands"]:
+                res["commands"].append(self.header["command"])
+            rec = res["rows"].setdefault(name, {}) if name is not None else {}
+            change(rec)
             with open(self.path + ".tmp", "w") as f:
                 json.dump(res, f, indent=1)
             os.replace(self.path + ".tmp", self.path)
-            return res["rows"][name]
+            return rec
 
 
 def start_record(row: Dict, args, records: Records) -> Dict:
@@ -313,6 +373,83 @@ def finish_row(row: Dict, args, records: Records, train_tokens: int) -> None:
     if (rec.get("best") or {}).get("update") != u:
         point = rec["points"].get(str(u)) or point_record(row, args, u, best, train_tokens)
         records.update(row["name"], lambda r: r.update(best=point))
+
+
+# --------------------------------------------------------------------------- samples
+
+def best_checkpoint(row: Dict, args) -> str:
+    path = os.path.join(row_dir(row, args), "checkpoint_best.pt")
+    if not os.path.isfile(path):
+        raise CompareError(f"{row['name']} has no {path}: train the row first")
+    return path
+
+
+def sample_sets_of(model: str, args) -> List[Dict[str, object]]:
+    """What is drawn from a row: ancestral samples of an AR row, the sample sets of a
+    diffusion row (block models through their block sampler), nothing for the ablations
+    compare.py does not sample either."""
+    if evaluator(model) == "eval_lm":
+        return [{"label": f"ancestral:{args.tokens_per_sample}", "sampler": None}]
+    return list(args.sample_sets) if recipes.variant(model).sampled else []
+
+
+def draw(sset: Dict, loaded: tuple, args):
+    """(tokens, network calls per sample) of one sample set."""
+    from mdlm_plugin.generative_eval import ar_samples, mdlm_samples
+    net, task, _ = loaded
+    d, L, n = task.source_dictionary, args.tokens_per_sample, args.samples
+    if sset["sampler"] is None:
+        return ar_samples(net, n, L, d.eos(), args.seed, args.sample_batch,
+                          forbid=(d.pad(), d.bos())), float(L)
+    tokens, st = mdlm_samples(task, net, n, L, sset["steps"], sset["sampler"], args.seed,
+                              args.sample_batch, options=sset["options"], top_p=sset["top_p"])
+    return tokens, st["row_calls"] / n
+
+
+def sample_rows(args, records: Records) -> None:
+    """Every listed row's sample sets from its best validation checkpoint as it is now,
+    scored under the chosen AR row's best checkpoint (generative perplexity, unigram
+    entropy, repeated 4-grams, network calls and seconds per sample, the load average
+    while it ran). A set recorded for the same checkpoints, judge and sizes is kept."""
+    import time
+    from mdlm_plugin.generative_eval import data_blocks, load_checkpoint
+    pick = chosen(records.read()["rows"]).get("mdlm_ar")
+    if pick is None:
+        raise CompareError("no mdlm_ar row has a validation curve in "
+                           f"{records.path}: train one first (it judges the samples)")
+    load = {"tokens_per_sample": args.tokens_per_sample}
+    judge = load_checkpoint(best_checkpoint(parse_row(pick), args), args.data, load)
+    key = {"judge": pick, "judge_update": judge[2]["num_updates"], "samples": args.samples,
+           "length": args.tokens_per_sample, "seed": args.seed}
+    judges = {pick: judge[0]}
+    test = compare.score(data_blocks(args.data, "test", args.tokens_per_sample, args.samples),
+                         judges)
+    records.update_header("sampling", {**key, "test_data": test})
+    for row in args.rows:
+        sets = sample_sets_of(row["model"], args)
+        if not sets:
+            continue
+        loaded = load_checkpoint(best_checkpoint(row, args), args.data, load)
+        rec = records.read()["rows"].get(row["name"]) or {}
+        now = {**key, "update": loaded[2]["num_updates"], "finished": bool(
+            rec.get("stopped_early_at") is not None or rec.get("best"))}
+        old = rec.get("samples") or {}
+        if any(old.get(k) != v for k, v in now.items()):
+            records.update(row["name"], lambda r, now=now: r.update(samples={**now, "sets": {}}))
+            old = {"sets": {}}
+        for sset in sets:
+            if sset["label"] in old["sets"]:
+                continue
+            print(f"{row['name']} (update {now['update']}): sampling {sset['label']}",
+                  flush=True)
+            load_avg, start = os.getloadavg()[0], time.perf_counter()
+            tokens, calls = draw(sset, loaded, args)
+            entry = {"seconds_per_sample": (time.perf_counter() - start) / len(tokens),
+                     "calls_per_sample": calls, "load_average": load_avg,
+                     "example": loaded[1].source_dictionary.string(tokens[0]),
+                     **compare.score(tokens, judges)}
+            records.update(row["name"], lambda r, lb=sset["label"], e=entry:
+                           r["samples"]["sets"].__setitem__(lb, e))
 
 
 # --------------------------------------------------------------------------- report
@@ -405,7 +542,9 @@ def points_table(res: Dict) -> List[str]:
 
 def report(res: Dict) -> str:
     a = res["args"]
-    head = [f"# Trained models: {res['name']}", "", f"Command: `{res['command']}`  ",
+    commands = res.get("commands") or [res["command"]]
+    head = [f"# Trained models: {res['name']}", "",
+            *(f"Command: `{c}`  " for c in commands),
             f"Machine: {res['machine']}  ", f"Date: {res['date']}, git {res['git']}", "",
             f"Data: `{a['data']}` ({res['train_tokens']:,} training tokens). Every row: "
             f"{a['layers']} layers x {a['embed_dim']}, {a['heads']} heads, batches of "
@@ -420,7 +559,53 @@ def report(res: Dict) -> str:
             "validation perplexity (the dropout choice). One training seed per row: the "
             "± is the evaluation's Monte-Carlo SE, not a seed spread.", ""]
     return "\n".join(head + main_table(res) + targets(res) + points_table(res)
-                     + ["Plot: `curves.png`.", ""])
+                     + ["Plot: `curves.png`.", ""] + samples_section(res))
+
+
+def samples_section(res: Dict) -> List[str]:
+    """The sample sets of every row, scored by one judge, beside the test data's blocks."""
+    sp = res.get("sampling")
+    rows = [(name, rec["samples"]) for name, rec in res["rows"].items()
+            if (rec.get("samples") or {}).get("sets")]
+    if not sp or not rows:
+        return []
+    j = sp["judge"]
+    ar = next((s for name, rec in rows if name == j for s in rec["sets"].values()), None)
+    table = [["test data", "-", "-", f"{sp['test_data']['gen_ppl'][j]:.1f}",
+              f"{sp['test_data']['entropy']:.3f}", f"{sp['test_data']['repetition']:.3f}",
+              "-", "-", "-"]]
+    for name, smp in rows:
+        for label, e in smp["sets"].items():
+            table.append([f"{name} (update {smp['update']:,}"
+                          + ("" if smp["finished"] else ", training") + ")", label,
+                          f"{e['calls_per_sample']:.0f}",
+                          f"{e['gen_ppl'][j]:.1f} ± {e['gen_ppl_se'][j]:.1f}",
+                          f"{e['entropy']:.3f}", f"{e['repetition']:.3f}",
+                          f"{e['gen_ppl'][j] / ar['gen_ppl'][j]:.2f}" if ar else "-",
+                          f"{e['entropy'] / ar['entropy']:.3f}" if ar else "-",
+                          f"{e['seconds_per_sample']:.2f} ({e['load_average']:.1f})"])
+    out = [f"## Samples from the best validation checkpoints", "",
+           f"{sp['samples']} samples of {sp['length']} tokens per row and set (seed "
+           f"{sp['seed']}), judged by `{j}`'s best checkpoint (update {sp['judge_update']:,}): "
+           "generative perplexity (the first token is context) ± its SE over samples, unigram "
+           "entropy (nats) and the share of repeated 4-grams per sample, averaged; "
+           "`test data`: the first blocks of the test split. Seconds per sample on one "
+           "thread, with the 1-minute load average of the machine when the set ran (above "
+           "1: other work shared the cores, so the time is an upper bound). `training`: the "
+           "row was still training, its best checkpoint may change.", "",
+           reporting.md_table(["row (checkpoint)", "sample set", "calls / sample",
+                               f"gen ppl ({j})", "entropy", "rep. 4-grams",
+                               "/ AR gen ppl", "/ AR entropy", "s / sample (load)"], table), ""]
+    pick = chosen(res["rows"]).get("mdlm")
+    if ar and pick and pick in dict(rows):
+        out += ["Target (within 3x the AR samples' generative perplexity, entropy within 5%), "
+                f"`{pick}`:", ""]
+        for label, e in dict(rows)[pick]["sets"].items():
+            g, h = e["gen_ppl"][j] / ar["gen_ppl"][j], e["entropy"] / ar["entropy"]
+            ok = g <= 3 and abs(h - 1) <= 0.05
+            out.append(f"- {label}: {g:.2f}x, entropy {h:.3f}x: {'met' if ok else 'missed'}")
+        out.append("")
+    return out + ["Plot: `samples.png`.", ""]
 
 
 def plot(res: Dict, path: str) -> None:
@@ -459,7 +644,43 @@ def render(res: Dict, out: str) -> str:
     text = report(res)
     reporting.write_text(os.path.join(out, "results.md"), text + "\n")
     plot(res, os.path.join(out, "curves.png"))
+    if res.get("sampling"):
+        plot_samples(res, os.path.join(out, "samples.png"))
     return text
+
+
+SET_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h")
+
+
+def plot_samples(res: Dict, path: str) -> None:
+    """Generative perplexity and entropy of every sample set against network calls."""
+    plt = reporting.pyplot()
+    sp, j = res["sampling"], res["sampling"]["judge"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    ys: List[List[float]] = [[], []]
+    labels = sorted({lb for rec in res["rows"].values()
+                     for lb in ((rec.get("samples") or {}).get("sets") or {})})
+    calls = []
+    for name, rec in res["rows"].items():
+        sets = (rec.get("samples") or {}).get("sets") or {}
+        for label, e in sets.items():      # a row's colour, a sample set's marker
+            marker = SET_MARKERS[labels.index(label) % len(SET_MARKERS)]
+            for ax, y, v in zip(axes, ys, (e["gen_ppl"][j], e["entropy"])):
+                ax.plot([e["calls_per_sample"]], [v], linestyle="none", markersize=7,
+                        color=reporting.style(name).colour, marker=marker,
+                        label=f"{name} {label}")
+                y.append(v)
+            calls.append(e["calls_per_sample"])
+    for ax, y, v, what in zip(axes, ys, (sp["test_data"]["gen_ppl"][j],
+                                         sp["test_data"]["entropy"]),
+                              (f"generative perplexity ({j} judge)", "unigram entropy (nats)")):
+        ax.axhline(v, color="grey", linestyle=":", label="test data")
+        ax.set(xlabel="network calls per sample", ylabel=what,
+               title=what.split(" (")[0] + f" of {sp['length']}-token samples")
+        reporting.scale(ax, "x", calls)
+        reporting.scale(ax, "y", y + [v])
+    reporting.legend_outside(axes[1])
+    reporting.save_figure(fig, path, f"{res['name']}: samples from the best checkpoints")
 
 
 # --------------------------------------------------------------------------- main
@@ -500,6 +721,11 @@ def main(argv=None):
     torch.set_num_threads(args.threads or 1)
     records = Records(args, header(args, argv))
     train_tokens = records.header["train_tokens"]
+    if args.sample_only:
+        sample_rows(args, records)
+        print(render(records.read(), args.out))
+        return print(f"written: {relative(args.out)}/results.md, results.json, curves.png, "
+                     "samples.png")
     for phase in (False, True):            # fine-tuned rows after the rows they start from
         with ThreadPoolExecutor(args.jobs) as pool:
             for f in [pool.submit(run_row, r, args, records, train_tokens)
