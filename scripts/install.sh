@@ -26,7 +26,7 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 pip install -q "numpy<2" "cython" "cffi" "hydra-core==1.3.2" "omegaconf==2.3.0" \
   "regex" "sacrebleu>=2" "tqdm" "bitarray" "scikit-learn" "packaging" \
-  "sentencepiece" "pytest" "matplotlib" "psutil"
+  "sentencepiece" "pytest" "pytest-xdist" "matplotlib" "psutil"
 if ! python -c "import fairseq" 2>/dev/null; then
   pip install -q --no-build-isolation --no-deps "fairseq-fixed==0.12.3.1"
 fi
