@@ -70,6 +70,7 @@ def test_points_resume_extend_and_report(ptb_tiny, tmp_path, scored):
     assert not set(new) & done and len(new) == len(set(new))
     mdlm = res["rows"]["mdlm@0"]
     assert sorted(mdlm["points"], key=int) == ["4", "8"] and mdlm["trained_to"] == 8
+    assert all(p["date"] and p["git"] for p in mdlm["points"].values())   # provenance
     with open(log) as f:
         text = f.read()
     assert "@ 4 updates" in text and "@ 6 updates" in text      # resumed at 4, then at 6

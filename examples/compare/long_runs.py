@@ -268,7 +268,8 @@ def point_record(row: Dict, args, update: int, ckpt: str, train_tokens: int) -> 
     tokens = update * args.batch_size * args.tokens_per_sample
     valid = dict(map(tuple, valid_curve(row, args))).get(update)
     return {"update": update, "tokens": tokens, "epochs": tokens / train_tokens,
-            "valid_ppl": valid, "test": score(row, ckpt, args, f"test_{update}")}
+            "valid_ppl": valid, "test": score(row, ckpt, args, f"test_{update}"),
+            "date": datetime.date.today().isoformat(), "git": reporting.git_revision()}
 
 
 # --------------------------------------------------------------------------- records
@@ -446,6 +447,7 @@ def sample_rows(args, records: Records) -> None:
             tokens, calls = draw(sset, loaded, args)
             entry = {"seconds_per_sample": (time.perf_counter() - start) / len(tokens),
                      "calls_per_sample": calls, "load_average": load_avg,
+                     "date": datetime.date.today().isoformat(), "git": reporting.git_revision(),
                      "example": loaded[1].source_dictionary.string(tokens[0]),
                      **compare.score(tokens, judges)}
             records.update(row["name"], lambda r, lb=sset["label"], e=entry:
@@ -545,7 +547,9 @@ def report(res: Dict) -> str:
     commands = res.get("commands") or [res["command"]]
     head = [f"# Trained models: {res['name']}", "",
             *(f"Command: `{c}`  " for c in commands),
-            f"Machine: {res['machine']}  ", f"Date: {res['date']}, git {res['git']}", "",
+            f"Machine: {res['machine']}  ",
+            f"Date: {res['date']}, git {res['git']} (the last invocation; points and sample "
+            "sets record their own date and commit in results.json)", "",
             f"Data: `{a['data']}` ({res['train_tokens']:,} training tokens). Every row: "
             f"{a['layers']} layers x {a['embed_dim']}, {a['heads']} heads, batches of "
             f"{a['batch_size']} x {a['tokens_per_sample']} tokens, Adam lr {a['lr']}, "
