@@ -391,10 +391,13 @@ def test_cache_is_written_in_place_and_slides_as_a_concatenated_one(monkeypatch)
     net, x = random_dit(9), tokens(3, 40)
     z = x.masked_fill(torch.rand(x.shape, generator=seeded()) < 0.5, MASK)
     cache, reference, some = BlockKVCache(context=8), ConcatCache(8), torch.tensor([0, 2])
-    keys, buffers = [], set()
-    sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention",
-                        lambda q, k, v, *a, **kw: keys.append(k) or sdpa(q, k, v, *a, **kw))
+    keys, buffers, sdpa = [], set(), F.scaled_dot_product_attention
+
+    def attention(q, k, v, *args, **kwargs):        # every attention's keys, recorded
+        keys.append(k)
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", attention)
 
     def step(block, rows=None):
         keys.clear()
@@ -411,8 +414,8 @@ def test_cache_is_written_in_place_and_slides_as_a_concatenated_one(monkeypatch)
             got, views = step(block, rows)
             torch.testing.assert_close(got, want if rows is None else want[rows], rtol=0,
                                        atol=1e-5)
-            if b > 0:     # a pass over some rows after a pending commit's own pass
-                n = 0 if rows is None else len(net.blocks)
+            if b > 0:     # over some rows: one gathered key per layer, last (after the
+                n = 0 if rows is None else len(net.blocks)       # commit's pass, if any)
                 assert all(views[:len(views) - n]) and not any(views[len(views) - n:])
         net.block_step(x[:, 4 * b:4 * b + 4], cache, commit=True)
         concat_step(net, reference, x[:, 4 * b:4 * b + 4], 4 * b, commit=True)
