@@ -36,19 +36,6 @@ def check_block_options(block_size: Optional[int], *, semi_ar_stride: int,
                             "models (each block has its own trajectory)")
 
 
-def _without_pad(context, pad: int):
-    """``context.denoise`` with ``<pad>`` never predicted (it cannot be text)."""
-    denoise = context.denoise
-
-    def no_pad(rows, z, sigma, positions):
-        logits = denoise(rows, z, sigma, positions)
-        logits[:, pad] = float("-inf")
-        return logits
-
-    context.denoise = no_pad
-    return context
-
-
 def generate_block_rows(gen, rows: List, calls: List[int]) -> None:
     """Fill ``tokens``, ``scores`` and ``steps`` of the generator's rows (``_Row``)
     with one ``sample_blocks`` run per group of rows of the same kind and length."""
@@ -59,7 +46,7 @@ def generate_block_rows(gen, rows: List, calls: List[int]) -> None:
             z = torch.cat([z, z.new_full((gen.gen_length - z.numel(),), gen.mask_index)])
         groups.setdefault((r.template, z.numel()), []).append((r, z))
     for (template, _), group in sorted(groups.items()):
-        context = _without_pad(gen.model.block_context(gen.window), gen.pad)
+        context = gen.model.block_context(gen.window, exclude=(gen.pad,))
         stop = gen.eos if gen.stop_at_eos and not template else None
         out = sample_blocks(context, torch.stack([z for _, z in group]), gen.block_size,
                             gen.config, gen.schedule, gen.mask_index, generator=gen._rng,

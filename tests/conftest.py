@@ -1,4 +1,5 @@
 """Shared fixtures: a small slice of the real Penn Treebank, binarized by fairseq."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -21,6 +22,19 @@ def fairseq_cli(tool, *args, cwd=None, check=True, timeout=600):
         raise AssertionError(f"fairseq {tool} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Bitwise claims hold on one CPU thread (with more, BLAS splits a product by its
+    size: a row's logits then move by ~1e-6, see the README)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def write_ptb_slice(out_dir: Path, lines=(1200, 150, 150), offset=0):

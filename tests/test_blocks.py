@@ -5,18 +5,21 @@ fairseq CLIs end to end.
 The network is a small DiT with every parameter drawn at random (the zero-init
 head and adaLN would make all outputs equal and every comparison vacuous).
 """
+import contextlib
 import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from conftest import TINY_MODEL, USER_DIR, fairseq_cli
+from conftest import TINY_MODEL, USER_DIR, fairseq_cli, one_thread
 from mdlm_plugin.diffusion.blocks import (block_nelbo, check_block_size, check_mask_rate,
                                           sample_blocks)
 from mdlm_plugin.diffusion.objective import log_probs_without_mask, nelbo
 from mdlm_plugin.diffusion.samplers import SamplerConfig, sample
 from mdlm_plugin.diffusion.schedules import build_schedule
 from mdlm_plugin.errors import MDLMUserError
+from mdlm_plugin.models import backbone
 from mdlm_plugin.models.backbone import BlockKVCache, DiT
 from mdlm_plugin.models.mdlm import CachedBlocks
 
@@ -267,19 +270,34 @@ def blocks_one_by_one(net, z, block_size, config, seed, context=None):
     return done, torch.cat(scores, 1)
 
 
+@contextlib.contextmanager
+def inputs_of(module):
+    """The shapes of the first input of each call of ``module`` within the block."""
+    shapes = []
+    handle = module.register_forward_pre_hook(lambda m, args: shapes.append(args[0].shape))
+    try:
+        yield shapes
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("sampler", ["ddpm", "remdm"])
-def test_block_sampling_commits_each_blocks_final_tokens(sampler):
+def test_block_sampling_commits_each_blocks_final_tokens(sampler, fuse):
     """On a context-sensitive network (weights of sd 0.3) the cached block sampler
     gives the tokens and scores of a loop that denoises each block given the final
     tokens of the blocks before it. Given the blocks as they were before sampling
     (masks) instead, the scores (the log-probabilities of the drawn tokens) move by
-    far more than the tolerance, so committing anything but the final tokens fails."""
+    far more than the tolerance, so committing anything but the final tokens fails.
+    Fused, each commit runs in the next block's first pass (one pass fewer each)."""
     net = random_dit(11, std=0.3)
     z = torch.full((4, 12), MASK)
     z[0, :3] = tokens(1, 3)[0]
     config = SamplerConfig(sampler=sampler, steps=6)
-    cached = CachedBlocks(net, context=12 - 4)
-    a = sample_blocks(cached, z, 4, config, SCHEDULE, MASK, torch.Generator().manual_seed(5))
+    cached = CachedBlocks(net, context=12 - 4, fuse=fuse)
+    with inputs_of(net.blocks[0]) as passes:
+        a = sample_blocks(cached, z, 4, config, SCHEDULE, MASK, torch.Generator().manual_seed(5))
+    assert len(passes) == a.network_calls - (cached.commits if fuse else 0)
     want, want_scores = blocks_one_by_one(net, z, 4, config, 5)
     assert torch.equal(a.tokens, want) and not bool((want == MASK).any())
     torch.testing.assert_close(a.scores, want_scores, rtol=0, atol=1e-4)
@@ -287,6 +305,144 @@ def test_block_sampling_commits_each_blocks_final_tokens(sampler):
                                         context=lambda done: z[:, :done.size(1)])
     assert torch.equal(noisy_scores[:, :4], want_scores[:, :4])      # the first block: no context
     assert float((noisy_scores[:, 4:] - want_scores[:, 4:]).abs().max()) > 1e-2
+
+
+class EagerHead(CachedBlocks):
+    """The cached context with the output layer run at every position asked for (each
+    called row's masked positions), as a denoiser returning logits does."""
+
+    def denoise(self, rows, z, sigma, positions):
+        return super().denoise(rows, z, sigma, positions).logits()
+
+
+def prompted_rows(rows=4, length=20):
+    """Prompts of 6 and 2 tokens, a template with given tokens inside a block, no prompt."""
+    z = torch.full((rows, length), MASK)
+    z[0, :6] = tokens(1, 6)[0]
+    z[1, :2] = tokens(1, 2, seed=3)[0]
+    z[2, 9:12] = tokens(1, 3, seed=4)[0]
+    return z
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddpm_cache", "first_hitting", "remdm", "confidence"])
+def test_output_layer_runs_only_where_a_token_is_drawn(sampler, monkeypatch):
+    """The output layer sees the positions where a step draws a token, once each (as
+    many as the float64 distributions computed, ``prob_rows``; for ddpm and first
+    hitting every masked position once), not every masked position of each called row;
+    the tokens and scores are bitwise those of the output layer run everywhere (one
+    thread)."""
+    net, z = random_dit(6, std=0.3), prompted_rows()
+    config = SamplerConfig(sampler=sampler, steps=5)
+    runs = {}
+    with one_thread():
+        for context in (CachedBlocks, EagerHead):
+            runs[context] = sample_blocks(context(net, 12), z, 4, config, SCHEDULE, MASK,
+                                          torch.Generator().manual_seed(3))
+    lazy, eager = runs[CachedBlocks], runs[EagerHead]
+    assert torch.equal(lazy.tokens, eager.tokens) and torch.equal(lazy.scores, eager.scores)
+    monkeypatch.setattr(backbone, "MIN_HEAD_ROWS", 1)      # count rows without padding
+    rows = {}
+    for context in (CachedBlocks, EagerHead):
+        with inputs_of(net.final) as calls:
+            out = sample_blocks(context(net, 12), z, 4, config, SCHEDULE, MASK,
+                                torch.Generator().manual_seed(3))
+        rows[context] = sum(shape[0] for shape in calls)
+    assert rows[CachedBlocks] == out.prob_rows
+    if sampler in ("ddpm", "ddpm_cache", "first_hitting"):
+        assert rows[CachedBlocks] == int((z == MASK).sum())
+    if sampler != "confidence":             # it draws at every masked position
+        assert rows[EagerHead] > rows[CachedBlocks]
+
+
+class ConcatCache:
+    """A block cache grown by concatenation (every call copies it), keeping the last
+    ``context`` positions of each commit: the reference for ``BlockKVCache``."""
+
+    def __init__(self, context):
+        self.context, self.k, self.v, self.committing = context, {}, {}, False
+
+    def append(self, layer, k, v):
+        if layer in self.k:
+            k, v = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
+        if self.committing:
+            self.k[layer], self.v[layer] = k[:, :, -self.context:], v[:, :, -self.context:]
+        return k, v
+
+
+def concat_step(net, cache, block, position, commit=False):
+    """Logits (B, L', V) of ``block`` at ``position`` through ``ConcatCache``."""
+    h = net.embed(block)
+    cos, sin = net.rotary(block.size(1), h.device, h.dtype, offset=position)
+    c = net.condition(block.size(0), None, h.device)
+    cache.committing = commit
+    for i, layer in enumerate(net.blocks):
+        h = layer(h, c, cos, sin, None, cache, i)
+    return net.final(h, c) + net.logit_mask
+
+
+@torch.no_grad()
+def test_cache_is_written_in_place_and_slides_as_a_concatenated_one(monkeypatch):
+    """Ten blocks through a context of 8 positions (the cache slides): each block's
+    logits are those of a cache grown by concatenation. A pass over every row attends
+    to views of the layer buffers (their storage: no gather, no concatenation of the
+    cache), and the buffers are allocated once and moved once in all the passes; a pass
+    over some rows gathers them. Even blocks fuse the pending commit with a pass over
+    every row, odd ones run it alone (the first pass is over some rows)."""
+    net, x = random_dit(9), tokens(3, 40)
+    z = x.masked_fill(torch.rand(x.shape, generator=seeded()) < 0.5, MASK)
+    cache, reference, some = BlockKVCache(context=8), ConcatCache(8), torch.tensor([0, 2])
+    keys, buffers, sdpa = [], set(), F.scaled_dot_product_attention
+
+    def attention(q, k, v, *args, **kwargs):        # every attention's keys, recorded
+        keys.append(k)
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", attention)
+
+    def step(block, rows=None):
+        keys.clear()
+        out = net.block_step(block if rows is None else block[rows], cache, rows=rows)
+        stored = {b.untyped_storage().data_ptr() for b in cache.keys}
+        views = [k.untyped_storage().data_ptr() in stored for k in keys]
+        buffers.add(tuple(b.data_ptr() for b in cache.keys + cache.values))
+        return out, views
+
+    for b in range(10):
+        block = z[:, 4 * b:4 * b + 4]
+        want = concat_step(net, reference, block, 4 * b)
+        for rows in ((None, some) if b % 2 == 0 else (some, None)):
+            got, views = step(block, rows)
+            torch.testing.assert_close(got, want if rows is None else want[rows], rtol=0,
+                                       atol=1e-5)
+            if b > 0:     # over some rows: one gathered key per layer, last (after the
+                n = 0 if rows is None else len(net.blocks)       # commit's pass, if any)
+                assert all(views[:len(views) - n]) and not any(views[len(views) - n:])
+        net.block_step(x[:, 4 * b:4 * b + 4], cache, commit=True)
+        concat_step(net, reference, x[:, 4 * b:4 * b + 4], 4 * b, commit=True)
+    assert cache.length == 8 and cache.position == 40
+    assert len(buffers - {()}) == 2
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddpm_cache", "first_hitting", "remdm", "confidence"])
+def test_commit_fused_with_the_next_first_step_is_exact(sampler):
+    """The commit of a block run in the next block's first pass gives the tokens and
+    scores of the commit run alone, bit for bit (one thread), one pass fewer per
+    commit (every row has a mask in every block here, so every commit is fused); with
+    time conditioning the clean and noisy blocks need two conditioning vectors and the
+    commit runs alone."""
+    z, config = prompted_rows(), SamplerConfig(sampler=sampler, steps=5)
+    for time_conditioning in ((False, True) if sampler == "ddpm" else (False,)):
+        net, runs = random_dit(11, time_conditioning=time_conditioning, std=0.3), {}
+        with one_thread():
+            for fuse in (True, False):
+                with inputs_of(net.blocks[0]) as passes:
+                    out = sample_blocks(CachedBlocks(net, 12, fuse=fuse), z, 4, config,
+                                        SCHEDULE, MASK, torch.Generator().manual_seed(8))
+                runs[fuse] = out, len(passes)
+        (fused, n_fused), (alone, n_alone) = runs[True], runs[False]
+        assert torch.equal(fused.tokens, alone.tokens) and torch.equal(fused.scores, alone.scores)
+        assert n_alone == alone.network_calls
+        assert n_fused == n_alone - (0 if time_conditioning else 4)
 
 
 def test_beyond_the_window_the_cache_slides():

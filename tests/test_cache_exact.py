@@ -6,13 +6,12 @@ The network itself (a row's logits in any batch), the generator in-process (bitw
 and fairseq-generate end to end (printed lines, and the row evaluations the per-row
 cache predicts from the denoising trajectory).
 """
-import contextlib
 import re
 
 import pytest
 import torch
 
-from conftest import USER_DIR, fairseq_cli
+from conftest import USER_DIR, fairseq_cli, one_thread
 from mdlm_plugin.diffusion.samplers import SamplerConfig, sample
 from mdlm_plugin.diffusion.schedules import build_schedule
 from mdlm_plugin.generator import MaskedDiffusionGenerator
@@ -20,18 +19,6 @@ from mdlm_plugin.models.backbone import DiT
 from test_generation import _lines, cli, loaded, run_all  # noqa: F401  (loaded: a fixture)
 
 V, PAD, MASK, L = 1000, 1, 999, 24
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Bitwise claims hold on one CPU thread (with more, BLAS splits a product by its
-    size: a row's logits then move by ~1e-6, see the README)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def random_dit(time_conditioning):

@@ -82,8 +82,8 @@ def test_graph_breaks_outside_the_blocks_are_listed():
     """The whole forward breaks at exactly three lines, none inside a block:
     - ``bool(padding_mask.any())`` in ``DiT.hidden``: does the batch need a mask at all
       (without padding SDPA runs maskless, hence flash attention on a GPU); a host sync;
-    - ``x[positions]`` and ``rows[positions]`` in ``DiT._head``: boolean indexing of the
-      masked positions, a data-dependent shape, so that the output layer runs on the
+    - ``x[positions]`` and ``rows[positions]`` in ``DiT.output_rows``: boolean indexing
+      of the masked positions, a data-dependent shape, so that the output layer runs on the
       masked positions only (the largest matmul with a big vocabulary).
     With ``--compile-blocks`` these lines stay eager, between the compiled blocks."""
     net = tiny()
@@ -92,5 +92,5 @@ def test_graph_breaks_outside_the_blocks_are_listed():
     e = torch._dynamo.explain(net)(x, padding_mask=pad, positions=masked)
     where = {(b.user_stack[-1].name, b.user_stack[-1].line.strip()) for b in e.break_reasons}
     assert where == {("hidden", "elif padding_mask is not None and bool(padding_mask.any()):"),
-                     ("_head", "h, rows = x[positions], None"),
-                     ("_head", "rows = rows[positions]")}, where
+                     ("output_rows", "h, rows = x[positions], None"),
+                     ("output_rows", "rows = rows[positions]")}, where

@@ -23,10 +23,12 @@ sigma(1)). With (lo, hi) = (0, 1) it estimates the same bound; a narrower range
 lowers the variance and is no longer a bound, so evaluation never uses it.
 
 Sampling: blocks left to right. The committed clean blocks are run once into the
-caller's key/value cache (``context.commit``); each new block is filled by any
-sampler of ``samplers.py`` through a denoiser that attends to that cache; the
-shared sampling loop tells it which batch rows each call is about (``row_indexed``:
-a sampler may run a subset of the rows).
+caller's key/value cache (``context.commit``; a context may run a commit in the same
+pass as the next block's first step); each new block is filled by any sampler of
+``samplers.py`` through a denoiser that attends to that cache; the shared sampling
+loop tells it which batch rows each call is about (``row_indexed``: a sampler may run
+a subset of the rows). The denoiser may return ``samplers.DeferredLogits``: the output
+layer then runs only where a step draws a token.
 """
 from __future__ import annotations
 
@@ -127,11 +129,12 @@ class BlockContext(Protocol):
 
     def denoise(self, rows: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor,
                 positions: torch.Tensor) -> torch.Tensor:
-        """Logits (N, V) at ``positions`` of the block ``z`` (b, L') of the active
-        rows ``rows`` (b,), given their committed blocks."""
+        """Logits (N, V), or ``DeferredLogits``, at ``positions`` of the block ``z``
+        (b, L') of the active rows ``rows`` (b,), given their committed blocks."""
 
     def commit(self, tokens: torch.Tensor) -> None:
-        """Append the clean block ``tokens`` (B, L') of every active row."""
+        """Append the clean block ``tokens`` (B, L') of every active row (now, or with
+        the next call of ``denoise``)."""
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep only the active rows ``index`` (in that order)."""
@@ -166,7 +169,8 @@ def sample_blocks(context: BlockContext, z: torch.Tensor, block_size: int,
     block follows. With ``stop_token``, a row stops at the first such token the
     sampler fills: ``lengths`` (B,) give each row's length (N otherwise) and the
     tokens after it are left as in ``z``. ``network_calls``/``row_calls`` count the
-    commits too; ``steps`` and ``prob_rows`` sum the blocks sampled."""
+    commits too (a commit the context runs with the next block's first step still
+    counts as a call); ``steps`` and ``prob_rows`` sum the blocks sampled."""
     check_block_size(block_size, block_size)
     z = z.clone()
     B, N = z.shape

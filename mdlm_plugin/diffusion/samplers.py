@@ -32,14 +32,18 @@ whatever happens, so samplers that agree in distribution share one random stream
 A step costs what it changes: a rule first decides which positions leave the mask
 (for ddpm, analytic and ReMDM that does not depend on x_theta), and the float64
 distribution is computed only where a token is drawn (``StepContext.draw``; the
-confidence sampler draws everywhere). ``SampleResult.prob_rows`` counts them.
+confidence sampler draws everywhere). ``SampleResult.prob_rows`` counts them. A
+denoiser may return :class:`DeferredLogits` instead of logits (a model's last hidden
+states, with its output layer run on demand): then the output layer, too, runs only
+where a token is drawn, once per position and step (the drawn tokens' scores reuse
+those logits).
 """
 from __future__ import annotations
 
 import abc
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Protocol, Sequence, Union
 
 import torch
 
@@ -253,9 +257,30 @@ def _leave_probability(kernel: str, schedule: NoiseSchedule, t: torch.Tensor,
     return 1.0 - schedule.mask_prob(s) / schedule.mask_prob(t)
 
 
+class DeferredLogits(Protocol):
+    """A denoiser's output whose logits are computed on demand: ``len()`` is the number
+    N of positions asked for; ``logits(index)`` gives the logits (n, V) of the positions
+    ``index`` (n,) of them (all N when None), each as the whole call would give it."""
+
+    def __len__(self) -> int: ...
+
+    def logits(self, index: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+
+
+Output = Union[torch.Tensor, DeferredLogits]
+
+
+def _logits_of(out: Output, index: Optional[torch.Tensor]) -> torch.Tensor:
+    """Rows ``index`` (all when None) of a denoiser's output, as logits."""
+    if isinstance(out, torch.Tensor):
+        return out if index is None else out.index_select(0, index)
+    return out.logits(index)
+
+
 class _RowCache:
-    """The network's logits at the masked positions of every row, reused for the rows
-    whose tokens did not change since they were computed.
+    """The network's output at the masked positions of every row (logits, or
+    :class:`DeferredLogits`), reused for the rows whose tokens did not change since it
+    was computed.
 
     A model without time conditioning gives the same x_theta for the same z_t, so a
     row that no step has changed needs no new call (``ddpm_cache``); the other
@@ -296,17 +321,37 @@ class _RowCache:
         if len(self.outputs) == 1:
             (out,) = self.outputs.values()
             # every position of the one output, in order: the output itself
-            return out if entry.numel() == out.size(0) else out.index_select(0, entry)
-        which = self.output[rows]
-        first = next(iter(self.outputs.values()))
-        got = first.new_empty((entry.numel(), first.size(-1)))
+            return _logits_of(out, None if entry.numel() == len(out) else entry)
+        which, got = self.output[rows], None
         for i, out in self.outputs.items():
             sel = which == i
-            got[sel] = out.index_select(0, entry[sel])
+            if bool(sel.any()):
+                part = _logits_of(out, entry[sel])
+                if got is None:
+                    got = part.new_empty((entry.numel(), part.size(-1)))
+                got[sel] = part
         return got
 
     def invalidate(self, rows: torch.Tensor) -> None:
         self.valid &= ~rows
+
+
+class _StepLogits:
+    """The logits of one network evaluation at the positions a step asks for, each
+    position's computed once: asked again for a subset of the last positions (the drawn
+    tokens' scores), the logits are those rows of the last answer."""
+
+    def __init__(self, cache: _RowCache, masked: torch.Tensor):
+        self.cache, self.masked, self.where, self.out = cache, masked, None, None
+
+    def __call__(self, where: torch.Tensor) -> torch.Tensor:
+        if self.where is None or bool((where & ~self.where).any()):
+            self.where, self.out = where, self.cache.logits(self.masked, where)
+            return self.out
+        if torch.equal(where, self.where):
+            return self.out
+        rank = self.where.flatten().cumsum(0) - 1
+        return self.out.index_select(0, rank[where.flatten()])
 
 
 def _token_scores(logits: torch.Tensor, tokens: torch.Tensor, mask_index: int) -> torch.Tensor:
@@ -567,7 +612,7 @@ def sample(denoiser: Denoiser, z: torch.Tensor, config: SamplerConfig,
     since their last call (per row, so its saving does not shrink with the batch).
     ``row_indexed``: the denoiser also takes the batch rows (1-D index) of each call,
     ``denoiser(z_rows, sigma, positions, rows)``, for per-row state (block diffusion's
-    key/value cache).
+    key/value cache). The denoiser returns logits or :class:`DeferredLogits`.
     """
     config.validate()
     if z.dim() != 2:
@@ -585,7 +630,7 @@ def sample(denoiser: Denoiser, z: torch.Tensor, config: SamplerConfig,
     chance = torch.zeros(B, L, dtype=torch.float64, device=device)
     history = [z.clone()] if retain_history else None
 
-    def network(t, masked):
+    def network(t, masked) -> _StepLogits:
         def compute(rows):
             nonlocal calls, row_calls
             calls, row_calls = calls + 1, row_calls + rows.numel()
@@ -593,28 +638,29 @@ def sample(denoiser: Denoiser, z: torch.Tensor, config: SamplerConfig,
             extra = (rows,) if row_indexed else ()
             return denoiser(z[rows], sigma, masked[rows], *extra)
 
-        def probs(where):
-            nonlocal prob_rows
-            logits = cache.logits(masked, where)
-            prob_rows += logits.size(0)
-            return denoise_probs(logits, mask_index, config.temperature, config.top_p)
-
         if bool(masked.any()):
             cache.refresh(masked, compute)
-        return probs
+        return _StepLogits(cache, masked)
+
+    def probs(logits_at: _StepLogits):
+        def at(where):
+            nonlocal prob_rows
+            logits = logits_at(where)
+            prob_rows += logits.size(0)
+            return denoise_probs(logits, mask_index, config.temperature, config.top_p)
+        return at
 
     for k in range(steps):
         masked = z == mask_index
-        probs = network(ts[k], masked)
+        logits_at = network(ts[k], masked)
         ctx = StepContext(k, ts[k].to(device), ts[k + 1].to(device), z, masked, given,
-                          scores, chance, mask_index, schedule, generator, probs)
+                          scores, chance, mask_index, schedule, generator, probs(logits_at))
         new = rule.step(ctx)
         changed = torch.zeros(B, dtype=torch.bool, device=device)
         if new is not z:
             drawn = masked & (new != mask_index)
             if bool(drawn.any()):
-                scores[drawn] = _token_scores(cache.logits(masked, drawn), new[drawn],
-                                              mask_index)
+                scores[drawn] = _token_scores(logits_at(drawn), new[drawn], mask_index)
                 chance[drawn] = ctx.drawn_chance[drawn]
             remasked = ~masked & (new == mask_index)            # remdm
             scores[remasked], chance[remasked] = 0.0, 0.0
@@ -626,9 +672,10 @@ def sample(denoiser: Denoiser, z: torch.Tensor, config: SamplerConfig,
 
     masked = z == mask_index
     if bool(masked.any()):
-        fill = network(ts[-1], masked)(masked).argmax(-1)
+        logits_at = network(ts[-1], masked)
+        fill = probs(logits_at)(masked).argmax(-1)
         z[masked] = fill
-        scores[masked] = _token_scores(cache.logits(masked, masked), fill, mask_index)
+        scores[masked] = _token_scores(logits_at(masked), fill, mask_index)
     return SampleResult(tokens=z, scores=scores, network_calls=calls, row_calls=row_calls,
                         steps=steps, history=history, prob_rows=prob_rows)
 

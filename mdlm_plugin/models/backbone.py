@@ -22,6 +22,7 @@ new positions' rotary angles start at the cached length.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from typing import Dict, Optional, Tuple
@@ -134,36 +135,123 @@ class KVCache:
             self.store[key] = t.index_select(0, new_order)
 
 
-class BlockKVCache(KVCache):
+class BlockKVCache:
     """Keys and values of the committed clean blocks, for block-diffusion sampling
-    with a bidirectional DiT (``DiT.block_step``).
+    with a bidirectional DiT (``DiT.block_step``), in preallocated buffers.
 
-    A clean block attends to the cache and to itself; its keys and values are then
-    stored (``committing``), at most the last ``context`` positions of them (a block
-    sees at most window - L' clean positions in training). A noisy block attends to
-    the cache rows ``rows`` (sorted, unique; all when None) and to itself, and stores
-    nothing.
-    ``position`` is the absolute position of the next block (rotary angles), which
-    keeps growing when old positions leave the cache.
+    Each layer keeps its keys (stored rotated) and values in one (B, heads, slots,
+    head_dim) buffer; the cached positions are the slots ``[lo, hi)``, oldest first, at
+    most the last ``context`` committed positions (a block sees at most window - L'
+    clean positions in training). A pass of the network writes its new keys and values
+    in place after them, and each of its segments attends to a window of the buffer (a
+    view, no copy): a clean block being committed to the cache and to itself, a noisy
+    block to the last ``context`` committed positions and to itself (it stores nothing:
+    its slots are overwritten by the next pass). A noisy pass over some rows only
+    (``rows``: sorted, unique; None or all of them is every row) writes and reads
+    those rows (a gather). When the slots run out, the cached positions move to the
+    front of new buffers (2 x (context + pass) slots: once per ~context / L' blocks).
+
+    A committed block is ``pending`` until the next pass: with ``fuse`` it runs in the
+    same pass as the next noisy block (one network call instead of two, with the same
+    numbers: each segment attends to the same keys and values as in a pass of its own,
+    and the other operations act on each position alone, so the results are bitwise
+    equal wherever a matmul's rows do not depend on how many rows it has, as on one CPU
+    thread); alone when that pass is over some rows only, the model cannot fuse them
+    (``DiT.block_hidden``) or another commit comes first. ``position`` is the absolute
+    position of the next block (rotary angles), the pending block included; it keeps
+    growing when old positions leave the cache.
     """
 
-    def __init__(self, context: int):
-        super().__init__()
-        self.context, self.position = context, 0
-        self.committing, self.rows = False, None
+    def __init__(self, context: int, fuse: bool = True):
+        self.context, self.fuse, self.position = context, fuse, 0
+        self.pending: Optional[torch.Tensor] = None
+        self.keys, self.values = [], []
+        self.batch = self.lo = self.hi = self.slots = 0
+        self._pass = None
 
-    def append(self, layer: int, k, v) -> Tuple[torch.Tensor, torch.Tensor]:
-        kk, vk = f"k{layer}", f"v{layer}"
-        if kk in self.store:
-            ck, cv = self.store[kk], self.store[vk]
-            # rows come sorted and unique (the sampler's nonzero()): as many as the
-            # cache holds is every row, in order, and needs no copy
-            if self.rows is not None and self.rows.numel() != ck.size(0):
-                ck, cv = ck.index_select(0, self.rows), cv.index_select(0, self.rows)
-            k, v = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
-        if self.committing and self.context > 0:
-            self.store[kk], self.store[vk] = k[:, :, -self.context:], v[:, :, -self.context:]
-        return k, v
+    @property
+    def length(self) -> int:
+        """Number of committed positions the next block attends to."""
+        pending = 0 if self.pending is None else self.pending.size(1)
+        return min(self.context, self.hi - self.lo + pending)
+
+    def defer(self, tokens: torch.Tensor) -> None:
+        """Commit the clean block ``tokens`` (B, L') at the next pass (none is pending)."""
+        if self.context > 0:
+            self.pending = tokens
+        self.position += tokens.size(1)
+
+    def begin(self, clean: int, noisy: int, rows: Optional[torch.Tensor]) -> int:
+        """Set up a pass of the pending block's ``clean`` positions (0 or all of them),
+        then ``noisy`` positions of the rows ``rows``; returns its first rotary position."""
+        if clean:
+            self.batch = self.pending.size(0)
+        elif rows is not None and rows.numel() == self.batch:
+            rows = None
+        n, move = clean + noisy, None
+        direct = self.hi == self.lo and not clean     # nothing cached: itself only
+        if not direct and self.hi + n > self.slots:
+            self.slots = max(self.slots, 2 * (self.context + n))
+            move, self.lo, self.hi = (self.lo, self.hi), 0, self.hi - self.lo
+        at = self.hi
+        segments = []
+        if clean:
+            segments.append((0, clean, self.lo, at + clean))
+        if noisy:
+            segments.append((clean, n, max(self.lo, at + clean - self.context), at + n))
+        self._pass = (direct, move, at, rows, segments, clean)
+        return self.position - clean
+
+    def end(self) -> None:
+        """After the pass: the clean positions join the cache."""
+        clean = self._pass[-1]
+        if clean:
+            self.hi += clean
+            self.lo = max(self.lo, self.hi - self.context)
+            self.pending = None
+        self._pass = None
+
+    def attention(self, layer: int):
+        """This pass's attention (q, k, v) -> output of ``layer`` (a ``DiTBlock`` mask)."""
+        return functools.partial(self._attend, layer)
+
+    def _attend(self, layer: int, q, k, v):
+        direct, _, _, rows, segments, _ = self._pass
+        if direct:
+            return F.scaled_dot_product_attention(q, k, v)
+        kb, vb = self._write(self.keys, layer, k), self._write(self.values, layer, v)
+        out = []
+        for q0, q1, k0, k1 in segments:
+            kw, vw = kb[:, :, k0:k1], vb[:, :, k0:k1]
+            if rows is not None:
+                kw, vw = kw.index_select(0, rows), vw.index_select(0, rows)
+            out.append(F.scaled_dot_product_attention(q[:, :, q0:q1], kw, vw))
+        return out[0] if len(out) == 1 else torch.cat(out, 2)
+
+    def _write(self, buffers, layer: int, new):
+        """The layer's buffer (moved first when due) with ``new`` written in place."""
+        _, move, at, rows, _, _ = self._pass
+        if move is not None:
+            b = new.new_empty(self.batch, new.size(1), self.slots, new.size(3))
+            if layer < len(buffers):
+                b[:, :, :move[1] - move[0]] = buffers[layer][:, :, move[0]:move[1]]
+                buffers[layer] = b
+            else:
+                buffers.append(b)
+        dst = buffers[layer][:, :, at:at + new.size(2)]
+        if rows is None:
+            dst.copy_(new)
+        else:
+            dst.index_copy_(0, rows, new)
+        return buffers[layer]
+
+    def reorder(self, new_order) -> None:
+        """Keep batch rows ``new_order`` (in that order): finished rows leave."""
+        self.keys = [b.index_select(0, new_order) for b in self.keys]
+        self.values = [b.index_select(0, new_order) for b in self.values]
+        if self.pending is not None:
+            self.pending = self.pending.index_select(0, new_order)
+        self.batch = new_order.numel()
 
 
 def block_diffusion_mask(length: int, block_size: int, padding_mask=None, device=None):
@@ -270,8 +358,9 @@ class DiTBlock(nn.Module):
     def forward(self, x, c, cos, sin, attn_mask: Optional[torch.Tensor],
                 cache: Optional[KVCache] = None, layer: int = 0):
         """x (B, L, D); cos/sin of x's positions; attn_mask (B or 1, 1, L, T) bool,
-        True where a query may attend to a key, or None (all keys, or causal), or a
-        :class:`FlexBlockMask` (block diffusion through flex attention);
+        True where a query may attend to a key, or None (all keys, or causal), or an
+        attention (q, k, v) -> output: a :class:`FlexBlockMask` (block diffusion through
+        flex attention), or ``BlockKVCache.attention`` (block-diffusion sampling);
         with a cache, x holds the new positions only and T counts the cached ones."""
         B, L, D = x.shape
         mods = self.adaLN(c)                # c (B, C), or (B, L, C) per position
@@ -285,7 +374,7 @@ class DiTBlock(nn.Module):
             k, v = cache.append(layer, k, v)
         # SDPA's is_causal aligns the mask top-left, right only without cached keys; a
         # single new query with cached keys may see them all
-        if isinstance(attn_mask, FlexBlockMask):
+        if callable(attn_mask):
             a = attn_mask(q, k, v)
         else:
             a = F.scaled_dot_product_attention(
@@ -440,12 +529,22 @@ class DiT(nn.Module):
         """Logits (B, L, V), or (N, V) at ``positions``; c (B or 1, C) or (B, L, C)."""
         if positions is None:
             return self.final(x, c) + self.logit_mask
+        return self.output_rows(x, c, positions).logits()
+
+    def output_rows(self, x, c, positions, exclude=()) -> "OutputRows":
+        """The output layer's input at ``positions`` (B, L) of the hidden states x
+        (B, L, D), row-major, its logits computed on demand (:class:`OutputRows`);
+        ``exclude``: symbols whose logits are -inf in this output only."""
         h, rows = x[positions], None
         if c.dim() == 3:                       # per-position conditioning (block diffusion)
             c = c[positions]
         else:
             rows = torch.arange(x.size(0), device=x.device).unsqueeze(-1).expand_as(positions)
             rows = rows[positions]
+        return OutputRows(self, h, c, rows, exclude)
+
+    def _output(self, h, c, rows):
+        """Logits (N, V) of gathered hidden states h (N, D) (``FinalLayer`` with rows)."""
         n = h.size(0)
         if n < MIN_HEAD_ROWS:
             # a matmul over a few rows takes another kernel path than one over many and
@@ -492,20 +591,69 @@ class DiT(nn.Module):
         """One block of block-diffusion sampling, at ``cache.position``.
 
         commit=False: logits (as ``forward``) of the noisy block ``tokens`` (b, L') of
-        the cache rows ``rows`` (sorted, unique; all when None), attending to their
-        cached clean blocks and to the whole block; the cache is unchanged.
-        commit=True: the clean block ``tokens`` (B, L') of every row is appended to
-        the cache (conditioned on sigma = 0, as the clean copy in training) and the
-        position advances."""
-        B, L = tokens.shape
-        h = self.embed(tokens)
-        cos, sin = self.rotary(L, h.device, h.dtype, offset=cache.position)
-        c = self.condition(B, None if commit else sigma, h.device)
-        cache.committing, cache.rows = commit, rows
-        for i, block in enumerate(self.blocks):
-            h = block(h, c, cos, sin, None, cache, i)
-        cache.committing, cache.rows = False, None
+        the cache rows ``rows`` (``block_hidden``).
+        commit=True: the clean block ``tokens`` (B, L') of every row joins the cache
+        (conditioned on sigma = 0, as the clean copy in training) and the position
+        advances; it runs through the network with the next noisy block, or alone
+        (``BlockKVCache``)."""
         if commit:
-            cache.position += L
+            if cache.pending is not None:
+                self._block_pass(cache, cache.pending, None)
+            cache.defer(tokens)
             return None
-        return self._head(h, c, positions)
+        return self._head(*self.block_hidden(tokens, cache, sigma, rows), positions)
+
+    def block_hidden(self, tokens, cache: BlockKVCache, sigma=None, rows=None):
+        """Final hidden states (b, L', D) and conditioning vector of the noisy block
+        ``tokens`` (b, L') of the cache rows ``rows`` (sorted, unique; all when None),
+        attending to their committed blocks and to the whole block (``output_rows``
+        turns them into logits). A pending commit runs in the same pass when the cache
+        fuses, the pass is over every row and one conditioning vector serves both blocks
+        (no time conditioning); else alone, first."""
+        clean = cache.pending
+        if clean is not None and not (cache.fuse and not self.time_conditioning and
+                                      (rows is None or rows.numel() == clean.size(0))):
+            self._block_pass(cache, clean, None)
+            clean = None
+        return self._block_pass(cache, clean, tokens, sigma, None if clean is not None else rows)
+
+    def _block_pass(self, cache: BlockKVCache, clean, noisy, sigma=None, rows=None):
+        """One pass of the pending block ``clean`` and/or the noisy block ``noisy``, in
+        that order along the sequence; the noisy block's hidden states and c."""
+        x = clean if noisy is None else noisy if clean is None else torch.cat([clean, noisy], 1)
+        n_clean = 0 if clean is None else clean.size(1)
+        h = self.embed(x)
+        start = cache.begin(n_clean, x.size(1) - n_clean, rows)
+        cos, sin = self.rotary(x.size(1), h.device, h.dtype, offset=start)
+        c = self.condition(x.size(0), None if noisy is None else sigma, h.device)
+        for i, block in enumerate(self.blocks):
+            h = block(h, c, cos, sin, cache.attention(i))
+        cache.end()
+        return h[:, n_clean:], c
+
+
+class OutputRows:
+    """The output layer's input at N gathered positions, its logits computed only for
+    the positions asked for (``diffusion.samplers.DeferredLogits``): hidden states h
+    (N, D), and c (N, C) per position, or c (B or 1, C) with each position's batch row
+    ``rows`` (N,). A position's logits are the same whichever others share the call
+    (``DiT._output`` pads small calls); ``exclude``: symbols given -inf."""
+
+    def __init__(self, model: DiT, h, c, rows=None, exclude=()):
+        self.model, self.h, self.c, self.rows, self.exclude = model, h, c, rows, list(exclude)
+
+    def __len__(self) -> int:
+        return self.h.size(0)
+
+    def logits(self, index=None):
+        h, c, rows = self.h, self.c, self.rows
+        if index is not None:
+            h = h.index_select(0, index)
+            if rows is None:
+                c = c.index_select(0, index)
+            else:
+                rows = rows.index_select(0, index)
+        logits = self.model._output(h, c, rows)
+        if self.exclude:
+            logits[:, self.exclude] = float("-inf")
+        return logits

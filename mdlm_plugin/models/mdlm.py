@@ -138,10 +138,11 @@ class MDLMModel(BaseFairseqModel):
             z_t, clean, self.block_size, sigma=sigma, padding_mask=padding_mask,
             positions=positions)
 
-    def block_context(self, window: int) -> "CachedBlocks":
+    def block_context(self, window: int, exclude=()) -> "CachedBlocks":
         """Block sampling's view of this model (``diffusion.blocks.sample_blocks``):
-        committed blocks in a key/value cache of the last window - L' positions."""
-        return CachedBlocks(self.backbone, window - self.block_size)
+        committed blocks in a key/value cache of the last window - L' positions;
+        the symbols ``exclude`` are never predicted."""
+        return CachedBlocks(self.backbone, window - self.block_size, exclude)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         check_same_dictionary(state_dict, self.dictionary_version,
@@ -152,14 +153,18 @@ class MDLMModel(BaseFairseqModel):
 
 class CachedBlocks:
     """``diffusion.blocks.BlockContext`` over a DiT and a :class:`BlockKVCache`:
-    each committed block is run through the network once (``commits`` counts them)."""
+    each committed block is run through the network once (``commits`` counts them),
+    with the next block's first step where the cache fuses them. ``denoise`` returns
+    ``OutputRows``: the output layer runs where the sampler draws; ``exclude``: symbols
+    never predicted."""
 
-    def __init__(self, backbone: DiT, context: int):
-        self.backbone, self.cache, self.commits = backbone, BlockKVCache(context), 0
+    def __init__(self, backbone: DiT, context: int, exclude=(), fuse: bool = True):
+        self.backbone, self.exclude = backbone, exclude
+        self.cache, self.commits = BlockKVCache(context, fuse), 0
 
     def denoise(self, rows, z, sigma, positions):
-        return self.backbone.block_step(z, self.cache, sigma=sigma, positions=positions,
-                                        rows=rows)
+        h, c = self.backbone.block_hidden(z, self.cache, sigma=sigma, rows=rows)
+        return self.backbone.output_rows(h, c, positions, self.exclude)
 
     def commit(self, tokens):
         self.backbone.block_step(tokens, self.cache, commit=True)
