@@ -5,6 +5,7 @@ directory next to OUT_DIR, checks it, and only then moves the files into
 OUT_DIR, so an interrupted run never leaves a half-written dataset behind.
 """
 
+import argparse
 import importlib
 import importlib.util
 import logging
@@ -17,6 +18,17 @@ from pathlib import Path
 
 INSTALL_HINT = "run scripts/install.sh first (and activate its .venv)"
 SPLITS = ("train", "valid", "test")
+
+
+def corpus_parser(doc, name, raw_what="the plain-text and sentencepiece-encoded splits"):
+    """The command line every prepare.py starts from: OUT_DIR (default data-bin/NAME) and
+    --raw-dir (default data/NAME, where ``raw_what`` go), ``doc`` as the description."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out_dir", nargs="?", default=f"data-bin/{name}",
+                   help="fairseq data directory to write (default: %(default)s)")
+    p.add_argument("--raw-dir", default=f"data/{name}",
+                   help=f"where {raw_what} go (default: %(default)s)")
+    return p
 
 
 def die(msg):

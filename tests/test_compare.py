@@ -269,3 +269,100 @@ def test_noise_ab_report_reproduces_the_committed_results(tmp_path):
     runs = json.loads((committed / "results.json").read_text())["runs"]
     keyed = [r["test_ppl"] for r in runs if r["arm"] == "keyed"]
     assert f"test mean {statistics.fmean(keyed):.1f} ± {statistics.stdev(keyed):.1f} sd" in md
+
+
+def single_seed_record():
+    """A results.json as compare.py wrote it with one seed (``--seed``): per-model
+    ``training`` / ``test`` / ``params`` / ``zero_shot.by_model``, generation rows
+    ``scored_by`` each AR model, no ``runs``."""
+    def evaluation(ppl, bound):
+        return {"ppl": ppl, "ppl_se": 3.0 if bound else 0.0, "bits": math.log2(ppl),
+                "bits_se": 0.01 if bound else 0.0, "bound": bound, "tokens": 1000,
+                "command": ["fairseq-validate" if bound else "fairseq-eval-lm"]}
+
+    def samples(source, steps, ppl, seconds, calls):
+        return {"source": source, "steps": steps, "samples": 4, "entropy": 2.5,
+                "seconds": seconds, "network_calls": calls,
+                "scored_by": {"mdlm_ar": {"ppl": ppl, "ppl_se": ppl / 20}}}
+    training = {m: {"model": m, "command": ["fairseq-train", "data-bin/sotu", "--seed", "3"],
+                    "checkpoint": f"checkpoints/compare_sotu/{m}/checkpoint_last.pt",
+                    "tokens_seen": 4096, "valid_curve": [[1, 900.0 + k], [2, 500.0 + k]],
+                    "train_wps_median": 1000.0, "resumed": False, "wall_s": 90.0,
+                    "cpu_s": 60.0, "tokens_per_cpu_s": 4096 / 60}
+                for k, m in enumerate(("mdlm", "mdlm_ar"))}
+    zero_shot = {"mdlm": {**evaluation(240.0, True), "word_ppl": 2400.0},
+                 "mdlm_ar": {**evaluation(80.0, False), "word_ppl": 800.0}}
+    return {
+        "corpus": "sotu", "command": "python examples/compare/compare.py --corpus sotu",
+        "machine": "a CPU", "date": "2026-01-01", "git": "abc1234",
+        "models": ["mdlm", "mdlm_ar"], "training": training,
+        "args": {"corpus": "sotu", "data": "data-bin/sotu", "zero_shot": "data-bin/sotu/ptb-test",
+                 "models": ["mdlm", "mdlm_ar"], "max_update": 2, "batch_size": 16,
+                 "tokens_per_sample": 128, "layers": 1, "embed_dim": 32, "heads": 2,
+                 "cond_dim": 16, "dropout": 0.1, "lr": 0.001, "warmup_updates": 1,
+                 "validate_interval_updates": 1, "seed": 3, "threads": 1,
+                 "extra_train_args": "", "eval_passes": 4, "samples": 4, "steps": [8, 32],
+                 "sampler": "ddpm_cache", "sample_batch": 2, "report_only": False},
+        "tokens_per_update": 2048,
+        "test": {"mdlm": evaluation(120.0, True), "mdlm_ar": evaluation(60.0, False)},
+        "test_split_tokens": 1000, "ratios": {"mdlm_ar": 2.0},
+        "zero_shot": {"data": "data-bin/sotu/ptb-test", "by_model": zero_shot,
+                      "word_tokens": 100, "ratios": {"mdlm_ar": 3.0}},
+        "params": {"mdlm": 1_000_000, "mdlm_ar": 990_000},
+        "generation": {"rows": [samples("test data", None, 50.0, None, None),
+                                samples("mdlm (ddpm_cache)", 8, 700.0, 4.0, 8),
+                                samples("mdlm (ddpm_cache)", 32, 400.0, 8.0, 40),
+                                samples("mdlm_ar", 128, 45.0, 1.0, 256)],
+                       "scorers": ["mdlm_ar"], "length": 128,
+                       "examples": {"mdlm (ddpm_cache) 8": "a b", "mdlm (ddpm_cache) 32": "c d",
+                                    "mdlm_ar 128": "e f"}}}
+
+
+def test_a_single_seed_record_renders_as_runs_of_its_seed(tmp_path):
+    """compare.py --report-only on a results.json without ``runs``: every number of the
+    record in the current tables and plots as one seed (its own), what it did not measure
+    as `-`, its sample measures described; results.json itself left as it is."""
+    record = json.dumps(single_seed_record(), indent=1)
+    (tmp_path / "results.json").write_text(record)
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "compare" / "compare.py"),
+                           "--corpus", "sotu", "--report-only", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "results.json").read_text() == record
+    md = (tmp_path / "results.md").read_text()
+    check_cells(md)
+    assert "Seeds: 3 " in md
+    lines = set(md.splitlines())
+    for line in (
+            # test: the bound and the AR row by eval-lm; their ratio (2.0) where it is
+            "| mdlm | 1 | 1.00M | <= 120.00 (1 seed) | 3.00 (1 seed) | 1,000 | 1.000 (1 seed) |",
+            "| mdlm_ar | 1 | 0.99M | 60.00 (1 seed) | exact | 1,000 | 0.500 (1 seed) |",
+            "| mdlm_ar | 60.00 (1 seed) | - | - | 1,000 | 2.000 (1 seed) | - |",
+            "| mdlm | 1 | <= 240.00 (1 seed) | <= 2400.00 (1 seed) | 1,000 | 1.000 (1 seed) |",
+            # samples: calls per batch (40 over 2 batches), seconds per sample (8.0 / 4)
+            "| mdlm | ddpm_cache | 32 | 20 (1 seed) | 400.0 (1 seed) (SE 20.0) "
+            "| 2.500 (1 seed) | - | 2.00 (1 seed) |",
+            "| mdlm_ar | ancestral | 128 | 128 (1 seed) | 45.0 (1 seed) (SE 2.2) "
+            "| 2.500 (1 seed) | - | 0.25 (1 seed) |",
+            "| test data | - | - | - | 50.0 (SE 2.5) | 2.500 | - | - |",
+            # training: wall minutes from the recorded seconds, the last validation
+            "| mdlm | 1 | 1,000 (1 seed) | 68 (1 seed) | 1.5 (1 seed) | 500.0 (1 seed) |",
+            "- mdlm ddpm_cache 32: `c d`"):
+        assert line in lines, line
+    assert "the </s>-only score was not measured" in md
+    assert "network calls per batch of 2 samples" in md
+    for png in ("valid_ppl.png", "gen_ppl.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("name", ["ptb", "ptb_samplers", "sotu"])
+def test_the_committed_comparisons_re_render_as_committed(name, tmp_path):
+    """compare.py --report-only on each committed comparison writes its results.md byte
+    for byte: the report code still reads every record it ever wrote."""
+    committed = REPO / "examples" / "compare" / "results" / name
+    (tmp_path / "results.json").write_text((committed / "results.json").read_text())
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "compare" / "compare.py"),
+                           "--corpus", name.split("_")[0], "--report-only", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "results.md").read_text() == (committed / "results.md").read_text()

@@ -24,7 +24,6 @@ Usage: examples/bible/prepare.sh [OUT_DIR=data-bin/bible_ja_en] [--raw-dir data/
        [--vocab-size 8000] [--max-pieces 0]
 """
 
-import argparse
 import collections
 import csv
 import gzip
@@ -39,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from prep_common import (  # noqa: E402
-    SPLITS, binarized_sizes, die, install_staged, log, require_fairseq_preprocess,
+    SPLITS, binarized_sizes, corpus_parser, die, install_staged, log, require_fairseq_preprocess,
     require_module, run_preprocess, staging_dir, write_lines)
 
 LANGS = ("ja", "en")
@@ -52,11 +51,7 @@ NOTE = re.compile(r"\{[^}]*\}")
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out_dir", nargs="?", default="data-bin/bible_ja_en",
-                   help="fairseq data directory to write (default: %(default)s)")
-    p.add_argument("--raw-dir", default="data/bible_ja_en",
-                   help="where the plain-text and sentencepiece-encoded splits go (default: %(default)s)")
+    p = corpus_parser(__doc__, "bible_ja_en")
     p.add_argument("--valid-books", type=int, nargs="+", default=list(VALID_BOOKS),
                    help="WEB book numbers (1-66) held out as valid (default: %(default)s)")
     p.add_argument("--test-books", type=int, nargs="+", default=list(TEST_BOOKS),

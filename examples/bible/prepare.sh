@@ -4,8 +4,5 @@
 # Paths are relative to the current directory. See docs/translation.md.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-if ! command -v python >/dev/null 2>&1; then
-  echo "error: 'python' is not on PATH; run scripts/install.sh first (and activate its .venv)" >&2
-  exit 1
-fi
-exec python "$here/prepare.py" "$@"
+source "$here/../prep_common.sh"
+run_prepare "$here/prepare.py" "$@"

@@ -16,6 +16,7 @@ are reused when finished and resumed when interrupted. See examples/compare/READ
 import argparse
 import datetime
 import json
+import math
 import os
 import resource
 import shlex
@@ -233,7 +234,7 @@ def reusable(model: str, seed: int, args) -> Optional[Dict]:
     save_dir = run_dir(model, seed, args)
     want = recipe(train_command(model, args, save_dir, seed))
     for path in args.reuse:
-        old = reporting.read_json(path)
+        old = read_results(path)
         for run in old["runs"].get(model, []):
             if run["training"]["seed"] != seed or recipe(run["training"]["command"]) != want:
                 continue
@@ -249,6 +250,12 @@ def reusable(model: str, seed: int, args) -> Optional[Dict]:
 def take_or_train(model: str, seed: int, args) -> Dict:
     run = reusable(model, seed, args)
     return run if "reused_from" in run else {**run, "training": train(model, seed, args)}
+
+
+def seeded_training(done: Dict, seed: int) -> Dict:
+    """A training record with its seed and wall minutes (single-seed records lack both)."""
+    wall = None if done["resumed"] or done.get("wall_s") is None else done["wall_s"] / 60
+    return {"wall_min": wall, **done, "seed": seed}
 
 
 def read_train_log(text: str) -> Dict[str, object]:
@@ -279,8 +286,7 @@ def train(model: str, seed: int, args) -> Dict[str, object]:
             done = json.load(f)
         if recipe(done.get("command") or []) == recipe(cmd):
             print(f"{model} seed {seed}: trained already ({done_file})", flush=True)
-            done.setdefault("wall_min", None if done["resumed"] else done["wall_s"] / 60)
-            return {**done, "seed": seed}       # records from before seeds lack both
+            return seeded_training(done, seed)
     print(f"{model} seed {seed}: training {args.max_update} updates", flush=True)
     log = os.path.join(save_dir, "train.log")
     resumed = os.path.isfile(os.path.join(save_dir, "checkpoint_last.pt"))
@@ -445,8 +451,13 @@ def ratio_cell(res: Dict, a: str, get_a, b: str, get_b) -> str:
 
 
 def test_ppl(r: Dict) -> float:
-    """The row's test perplexity on an equal footing: a bound, or AR with </s> only."""
+    """The row's test perplexity on an equal footing: a bound, or AR with </s> only
+    (fairseq-eval-lm's where that was not measured)."""
     return (r.get("test_eos_only") or r["test"])["ppl"]
+
+
+def eos_only_ppl(r: Dict) -> Optional[float]:
+    return (r.get("test_eos_only") or {}).get("ppl")
 
 
 def seeds_cell(res: Dict, m: str, args) -> str:
@@ -468,6 +479,12 @@ def header_section(res: Dict, args) -> List[str]:
             ""] + reused_line(res)
 
 
+def notes(res: Dict, section: str) -> List[str]:
+    """What a record says about its own measures in ``section`` (:func:`from_single_seed`)."""
+    note = res.get("notes", {}).get(section)
+    return [note, ""] if note else []
+
+
 def reused_line(res: Dict) -> List[str]:
     reused = [f"{m} seed {r['training']['seed']}" for m in res["models"] for r in res["runs"][m]
               if "reused_from" in r]
@@ -480,10 +497,14 @@ def reused_line(res: Dict) -> List[str]:
 
 
 def test_section(res: Dict, args) -> List[str]:
+    ars = [m for m in res["models"] if evaluator(m) == "eval_lm"]
+    eos_only = all(eos_only_ppl(r) for m in ars for r in res["runs"][m])
     out = ["## Test perplexity", "",
            "Diffusion rows: upper bound (fairseq-validate, "
            f"{args.eval_passes} passes; SE: the evaluation's, mean over seeds). AR rows: "
-           "exact, each block read after </s> only (what an MDLM block sees).", ""]
+           + ("exact, each block read after </s> only (what an MDLM block sees)." if eos_only
+              else "exact, by fairseq-eval-lm (each block after the previous block's last "
+              "token; the </s>-only score was not measured)."), ""]
     rows = []
     for m in res["models"]:
         runs, bound = res["runs"][m], evaluator(m) == "validate"
@@ -496,16 +517,15 @@ def test_section(res: Dict, args) -> List[str]:
     out += [md_table(["model", "seeds", "params", "test ppl", "eval SE", "tokens scored",
                       "/ mdlm"], rows), "",
             f"The test split has {res['test_split_tokens']:,} tokens.", ""]
-    ars = [m for m in res["models"] if evaluator(m) == "eval_lm"]
     if ars:
         out += ["AR both ways: fairseq-eval-lm reads the previous block's last token before "
                 "each block, the equal-footing scorer (`ar_block_perplexity`) only </s>.", ""]
         rows = [[m, mean_sd([r["test"]["ppl"] for r in res["runs"][m]], ".2f"),
-                 mean_sd([r["test_eos_only"]["ppl"] for r in res["runs"][m]], ".2f"),
-                 ratio_cell(res, m, test_ppl, m, lambda r: r["test"]["ppl"]),
+                 mean_sd([eos_only_ppl(r) for r in res["runs"][m]], ".2f"),
+                 ratio_cell(res, m, eos_only_ppl, m, lambda r: r["test"]["ppl"]),
                  f"{res['runs'][m][0]['test']['tokens']:,}",
                  ratio_cell(res, "mdlm", test_ppl, m, lambda r: r["test"]["ppl"]),
-                 ratio_cell(res, "mdlm", test_ppl, m, test_ppl)] for m in ars]
+                 ratio_cell(res, "mdlm", test_ppl, m, eos_only_ppl)] for m in ars]
         out += [md_table(["model", "eval-lm ppl", "</s>-only ppl", "</s>-only / eval-lm",
                           "eval-lm tokens", "MDLM / eval-lm", "MDLM / </s>-only"], rows), ""]
     return out + against_mdlm(res) + [
@@ -568,7 +588,8 @@ def generation_section(res: Dict, args) -> List[str]:
            "and seed, scored by each AR judge (its first seed): exp of the mean NLL of every "
            "token but the first, mean ± sd over seeds (SE over samples); entropy: unigram "
            "(nats); repeats: share of repeated 4-grams within a sample; calls: network calls "
-           "per sample actually made. AR samples: ancestral. `test data`: the reference.", ""]
+           "per sample actually made. AR samples: ancestral. `test data`: the reference.", ""] \
+        + notes(res, "samples")
     rows = []
     for r in g["rows"]:
         s = r["by_seed"]       # the test data row does not depend on a seed
@@ -683,14 +704,58 @@ def write_report(res: Dict, args) -> str:
     return text
 
 
+# --------------------------------------------------------------------------- records
+
+def read_results(path: str) -> Dict:
+    """A comparison's results.json in the structure this script writes: a single-seed
+    record (no ``runs``) is converted by :func:`from_single_seed`."""
+    res = reporting.read_json(path)
+    return res if "runs" in res else from_single_seed(res)
+
+
+def from_single_seed(old: Dict) -> Dict:
+    """A record with one training seed and no ``runs`` (``training``, ``test``, ``params``
+    and ``zero_shot.by_model`` per model; generation rows ``scored_by`` each AR model) as
+    runs of that seed. Its sample measures that differ from this script's are named in
+    ``notes``; what it did not measure (AR test with </s> only, repeated 4-grams) stays
+    out and renders as ``-``."""
+    a, seed = old["args"], old["args"]["seed"]
+    zero_shot = (old.get("zero_shot") or {}).get("by_model", {})
+    runs = {m: [{"training": seeded_training(old["training"][m], seed), "test": old["test"][m],
+                 "params": old["params"][m], **({"zero_shot": zero_shot[m]}
+                                                if m in zero_shot else {})}]
+            for m in old["models"]}
+    g, batches = old["generation"], math.ceil(a["samples"] / a["sample_batch"])
+    rows = []
+    for r in g["rows"]:
+        source, _, sampler = r["source"].partition(" (")   # "mdlm (ddpm_cache)"
+        x = {"gen_ppl": {j: s["ppl"] for j, s in r["scored_by"].items()},
+             "gen_ppl_se": {j: s["ppl_se"] for j, s in r["scored_by"].items()},
+             "entropy": r["entropy"]}
+        if source != "test data":
+            x.update(seed=seed, seconds_per_sample=r["seconds"] / r["samples"],
+                     calls_per_sample=r["network_calls"] / batches)
+            sampler = sampler.rstrip(")") or "ancestral"
+        rows.append({"source": source, "sampler": sampler or None, "steps": r["steps"],
+                     "by_seed": [x], "example": g["examples"].get(f"{r['source']} {r['steps']}")})
+    notes = {"samples": "In this record, generative perplexity scores every token, the first "
+                        f"after </s>; calls: network calls per batch of {a['sample_batch']} "
+                        "samples (each call runs the whole batch); repeats were not "
+                        "measured (`-`)."}
+    keep = ("corpus", "command", "machine", "date", "git", "models", "tokens_per_update",
+            "test_split_tokens")
+    return {**{k: old[k] for k in keep}, "runs": runs, "notes": notes,
+            "args": {**a, "seeds": [seed], "seeds_for": {}, "samplers": [a["sampler"]]},
+            "generation": {"rows": rows, "judges": g["scorers"]}}
+
+
 # --------------------------------------------------------------------------- main
 
 def report_only(args) -> None:
     path = os.path.join(args.out, "results.json")
     if not os.path.isfile(path):
         raise CompareError(f"{path} not found: run the comparison first")
-    with open(path) as f:
-        res = json.load(f)
+    res = read_results(path)
     print(write_report(res, argparse.Namespace(**{**res["args"], "out": args.out})))
 
 

@@ -10,7 +10,6 @@ end-of-sentence token per line (42,068 / 3,370 / 3,761 lines).
 Usage: examples/ptb/prepare.sh [OUT_DIR=data-bin/ptb] [--raw-dir data/ptb] [--force]
 """
 
-import argparse
 import hashlib
 import sys
 import time
@@ -20,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from prep_common import (  # noqa: E402
     SPLITS,
     binarized_sizes,
+    corpus_parser,
     die,
     install_staged,
     log,
@@ -45,11 +45,7 @@ EXPECTED = {
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out_dir", nargs="?", default="data-bin/ptb",
-                   help="fairseq data directory to write (default: %(default)s)")
-    p.add_argument("--raw-dir", default="data/ptb",
-                   help="where the plain-text splits go (default: %(default)s)")
+    p = corpus_parser(__doc__, "ptb", "the plain-text splits")
     p.add_argument("--workers", type=int, default=2, help="fairseq-preprocess workers (default: %(default)s)")
     p.add_argument("--train-fraction", type=float, default=1.0,
                    help="keep only the first FRACTION of the training lines (same dictionary, "

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from prep_common import (  # noqa: E402
     SPLITS,
     binarized_sizes,
+    corpus_parser,
     count_token,
     die,
     install_staged,
@@ -55,11 +56,7 @@ DATASET_FILES = ["spm.model", "spm.vocab", "dict.txt", "prepare.json"] + [
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out_dir", nargs="?", default="data-bin/sotu",
-                   help="fairseq data directory to write (default: %(default)s)")
-    p.add_argument("--raw-dir", default="data/sotu",
-                   help="where the plain-text and sentencepiece-encoded splits go (default: %(default)s)")
+    p = corpus_parser(__doc__, "sotu")
     p.add_argument("--valid-years", type=int, default=11,
                    help="number of distinct years, just before the test years, held out as valid (default: %(default)s)")
     p.add_argument("--test-years", type=int, default=11,
