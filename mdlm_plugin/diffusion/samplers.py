@@ -43,7 +43,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .objective import Denoiser, log_probs_without_mask
+from .objective import Denoiser, log_probs_without_mask, without_symbol
 from .schedules import NoiseSchedule
 
 SAMPLERS = ("ddpm", "ddpm_cache", "analytic", "first_hitting", "remdm", "confidence")
@@ -189,8 +189,7 @@ def denoise_probs(logits: torch.Tensor, mask_index: int, temperature: float = 1.
                   top_p: float = 1.0) -> torch.Tensor:
     """float64 x_theta (N, V) from logits: ``<mask>`` gets probability 0 (SUBS rule 1),
     then temperature and nucleus top-p as described in the module docstring."""
-    logits = logits.double().index_fill(
-        -1, torch.tensor([mask_index], device=logits.device), float("-inf"))
+    logits = without_symbol(logits, mask_index, torch.float64)
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
