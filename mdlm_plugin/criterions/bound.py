@@ -100,7 +100,7 @@ class DiffusionBoundCriterion(FairseqCriterion, abc.ABC):
         passes = self.eval_passes if evaluating else 1
         generator = (self._eval_generator if evaluating else self._train_generator)(
             sample, x.device)
-        # a block model's reads the clean blocks
+        # padding as the host knows it; a block model's denoiser reads the clean blocks
         denoiser = model.denoiser(clean=x, padded=inp.padded)
         block_size = getattr(model, "block_size", None)
 
