@@ -4,6 +4,7 @@ of the same size, each trained by ``fairseq-train`` (command lines from
 ``mdlm_plugin.recipes``), runs interleaved. What is measured and why: benchmarks/README.md.
 
     python benchmarks/train_throughput.py [DATA_DIR=data-bin/ptb] [--updates 60] [--repeats 2]
+    python benchmarks/train_throughput.py --compile-blocks   # + mdlm_tiny compiled vs eager
     python benchmarks/train_throughput.py --report-only [--output-dir DIR]
 """
 import json
@@ -25,7 +26,10 @@ from mdlm_plugin.reporting import fmt, pct  # noqa: E402
 MDLM = "mdlm_tiny"
 BASELINE = "transformer_lm"
 BD3 = "bd3_tiny"       # mdlm_tiny with --block-size (issue 10)
+COMPILED = "mdlm_tiny_compiled"     # mdlm_tiny with --compile-blocks (issue 21)
 MODELS = (MDLM, BASELINE)
+# the runs a flag adds, each compared with MDLM (eager): its summary column and ratio
+EXTRA = {BD3: ("bd3", "BD3 / MDLM"), COMPILED: ("compiled", "compiled / eager")}
 MACHINE_KEYS = ("date", "cpu", "cpu_cores", "cpu_cores_usable", "torch_threads",
                 "load_average", "device", "gpu", "python", "torch", "fairseq", "mdlm_plugin",
                 "git")
@@ -55,8 +59,8 @@ FLAGS = {"--updates": (int, 60, "training updates per run"),
          "--output-dir": (str, "benchmarks/results", "results, plot and logs (repo-relative)"),
          "--run-timeout": (float, 3600.0, "seconds before a run is killed"),
          "--amp": (bool, False, "GPU only: --amp for both runs"),
-         "--compile-blocks": (bool, False, "MDLM/BD3 runs with --compile-blocks (compare "
-                              "with a run without it, into another --output-dir)"),
+         "--compile-blocks": (bool, False, "also train mdlm_tiny with --compile-blocks "
+                              "(torch.compile, inductor), interleaved with the eager runs"),
          "--report-only": (bool, False, "only rewrite results.md and the plot from "
                            "--output-dir/results.json")}
 
@@ -94,7 +98,7 @@ def train_command(model: str, args, data_dir: str, device: str, save_dir: str) -
         "--num-workers", args.num_workers]
     size = recipes.ARCH_SIZES["tiny"] if model == BASELINE else None   # sized to match
     extra = ["--block-size", args.block_size] if model == BD3 else []
-    extra += ["--compile-blocks"] if args.compile_blocks and model != BASELINE else []
+    extra += ["--compile-blocks"] if model == COMPILED else []
     return recipes.train_command(BASELINE if model == BASELINE else "mdlm", data_dir, protocol,
                                  size=size, dropout=args.dropout, device=device, model_extra=extra,
                                  overrides=["--amp"] if device == "cuda" and args.amp else [])
@@ -249,10 +253,16 @@ def summarize(runs: List[Dict], device: str) -> List[Dict[str, object]]:
         a, b = median_of(MDLM, attr), median_of(BASELINE, attr)
         rows.append({"metric": label, "key": attr, "mdlm": a, "transformer_lm": b,
                      "ratio": reporting.ratio(a, b), "headline": headline})
-        if any(r["model"] == BD3 for r in runs):
-            c = median_of(BD3, attr)
-            rows[-1].update(bd3=c, bd3_over_mdlm=reporting.ratio(c, a))
+        for model, (key, _) in EXTRA.items():
+            if any(r["model"] == model for r in runs):
+                c = median_of(model, attr)
+                rows[-1].update({key: c, f"{key}_over_mdlm": reporting.ratio(c, a)})
     return rows
+
+
+def extras(res: Dict) -> List[str]:
+    """The added runs (``EXTRA``) that a result holds, in the order of ``EXTRA``."""
+    return [m for m, (key, _) in EXTRA.items() if key in res["summary"][0]]
 
 
 def runs_tables(runs: List[Dict], device: str) -> List[str]:
@@ -294,19 +304,36 @@ NOTES = ("Notes: throughput is fairseq's `wps` of the `train_inner` lines after 
          "high one are unreliable.")
 
 
+COMPILE_NOTE = (" `mdlm_tiny_compiled` is `mdlm_tiny` with `--compile-blocks` (each DiT "
+                "block through torch.compile, inductor), same data, seed and protocol: its "
+                "first updates pay the compilation, which the warm-up interval(s) leave out; "
+                "compiled / eager is its tokens/s over the eager MDLM's.")
+
+
+def headline(res: Dict) -> List[str]:
+    """One line per added run: its median tokens/s beside the eager MDLM's, and the ratio."""
+    row = next(r for r in res["summary"] if r["key"] == "wps_median")
+    return [f"{m}: {fmt(row[EXTRA[m][0]])} tokens/s vs {MDLM} {fmt(row['mdlm'])} tokens/s, "
+            f"{EXTRA[m][1]} = {fmt(row[EXTRA[m][0] + '_over_mdlm'], '.3f')}"
+            for m in extras(res)]
+
+
 def markdown_report(res: Dict) -> str:
     h, s, runs = res["header"], res["settings"], res["runs"]
-    bd3 = "bd3" in res["summary"][0]
+    added = extras(res)
     summary = [[row["metric"], fmt(row["mdlm"], SPECS[row["key"]]),
                 fmt(row["transformer_lm"], SPECS[row["key"]]), fmt(row["ratio"], ".3f")]
-               + ([fmt(row["bd3"], SPECS[row["key"]]), fmt(row["bd3_over_mdlm"], ".3f")]
-                  if bd3 else []) for row in res["summary"]]
+               + [cell for m in added for cell in (
+                   fmt(row[EXTRA[m][0]], SPECS[row["key"]]),
+                   fmt(row[f"{EXTRA[m][0]}_over_mdlm"], ".3f"))]
+               for row in res["summary"]]
     lines = ["# Training throughput: MDLM `mdlm_tiny` vs fairseq `transformer_lm`", "",
              "```", h["command"], "```", "", reporting.machine_table(h["machine"], MACHINE_KEYS),
              f"| data | `{h['data']}` |", f"| setup | {h['setup']} |", "",
              "## Summary (medians over runs; ratio = MDLM / transformer_lm)", "",
              reporting.md_table(["metric", "mdlm_tiny", "transformer_lm", "ratio"]
-                                + ([BD3, "BD3 / MDLM"] if bd3 else []), summary, align="lrrrrr"),
+                                + [c for m in added for c in (m, EXTRA[m][1])], summary,
+                                align="lrrr" + "rr" * len(added)),
              "", "## Runs (in execution order)", "",
              *runs_tables(runs, h["machine"]["device"]), "",
              "## Configuration check (as the runs built it)", "", check_table(runs), "",
@@ -314,7 +341,8 @@ def markdown_report(res: Dict) -> str:
     for model in dict.fromkeys(r["model"] for r in runs):
         cmd = next(r["command"] for r in runs if r["model"] == model)
         lines += [f"{model}:", "```", shlex.join(cmd), "```", ""]
-    return "\n".join(lines + [NOTES.format(**s), ""])
+    notes = NOTES.format(**s) + (COMPILE_NOTE if COMPILED in added else "")
+    return "\n".join(lines + [notes, ""])
 
 
 def plot(res: Dict, path: str) -> None:
@@ -325,7 +353,8 @@ def plot(res: Dict, path: str) -> None:
               else ("gpu_peak_allocated_gib", "peak torch allocated (GiB)")]
     rows = {row["key"]: row for row in res["summary"]}
     models = list(dict.fromkeys(r["model"] for r in runs))
-    column = {MDLM: "mdlm", BASELINE: "transformer_lm", BD3: "bd3"}
+    column = {MDLM: "mdlm", BASELINE: "transformer_lm",
+              **{m: key for m, (key, _) in EXTRA.items()}}
     fig, axes = reporting.pyplot().subplots(1, 2, figsize=(10, 4.2))
     for ax, (key, label) in zip(axes, panels):
         heights = [rows[key][column[m]] or 0.0 for m in models]
@@ -363,7 +392,8 @@ def setup_line(args) -> str:
 
 def run_all(args, data_dir: str, device: str, log_dir: str) -> List[Run]:
     runs: List[Run] = []
-    models = MODELS + ((BD3,) if args.block_size else ())
+    models = MODELS + ((BD3,) if args.block_size else ()) + \
+        ((COMPILED,) if args.compile_blocks else ())
     with tempfile.TemporaryDirectory(prefix="mdlm-bench-") as save_dir:
         for repeat in range(1, args.repeats + 1):
             for model in models:
@@ -403,6 +433,7 @@ def main(argv=None):
     reporting.write_text(os.path.join(out_dir, "results.json"), json.dumps(res, indent=2))
     write_outputs(res, out_dir)
     print(markdown_report(res).split("## Runs")[0])
+    print("\n".join(headline(res)))
     print(f"wrote {out_dir}/results.json, results.md, throughput_memory.png, logs/*.log")
 
 

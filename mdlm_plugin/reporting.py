@@ -37,7 +37,8 @@ STYLES = {
     "bd3_32": Style("crimson", "H"), "test data": Style("tab:gray", "_"),
     # the benchmarks' names: models by architecture, MDLM samplers
     "mdlm_tiny": Style("tab:blue", "o"), "mdlm_ar_tiny": Style("tab:green", "s"),
-    "bd3_tiny": Style("navy", "h"), "ddpm": Style("tab:orange", "o"),
+    "bd3_tiny": Style("navy", "h"), "mdlm_tiny_compiled": Style("cornflowerblue", "p"),
+    "ddpm": Style("tab:orange", "o"),
     "ddpm_cache": Style("tab:purple", "s"), "first_hitting": Style("tab:brown", "D"),
     "remdm": Style("tab:olive", "v"), "confidence": Style("tab:pink", "^"),
     "analytic": Style("tab:cyan", "P"),

@@ -50,10 +50,11 @@ def mixed_rows():
 def test_a_rows_output_does_not_depend_on_its_batch(time_conditioning):
     model, z = random_dit(time_conditioning), mixed_rows()
     masked, padding = z == MASK, z == PAD
-    sigma = torch.full((8,), 0.7)
+    sigma = torch.tensor([0.7])     # one noise level for every row, passed as the samplers
+                                    # do: expanded (shared is read off the shape)
 
     def logits(rows):
-        out = model(z[rows], sigma=sigma[rows], padding_mask=padding[rows],
+        out = model(z[rows], sigma=sigma.expand(len(rows)), padding_mask=padding[rows],
                     positions=masked[rows])
         return out.split([int(masked[r].sum()) for r in rows])
 

@@ -79,18 +79,17 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients():
 
 
 def test_graph_breaks_outside_the_blocks_are_listed():
-    """The whole forward breaks at exactly three lines, none inside a block:
-    - ``bool(padding_mask.any())`` in ``DiT.hidden``: does the batch need a mask at all
-      (without padding SDPA runs maskless, hence flash attention on a GPU); a host sync;
-    - ``x[positions]`` and ``rows[positions]`` in ``DiT.output_rows``: boolean indexing
-      of the masked positions, a data-dependent shape, so that the output layer runs on the
-      masked positions only (the largest matmul with a big vocabulary).
-    With ``--compile-blocks`` these lines stay eager, between the compiled blocks."""
-    net = tiny()
+    """The whole forward breaks at exactly one line, outside the blocks: the ``nonzero``
+    of the masked positions in ``DiT.output_rows`` (a data-dependent shape, so that the output
+    layer runs on the masked positions only: the largest matmul with a big vocabulary).
+    Padding (a given mask is applied without a host test) and a per-row sigma (shared
+    or not is read off its shape) break nothing, with and without time conditioning.
+    With ``--compile-blocks`` the line stays eager, between the compiled blocks."""
     x, pad, masked = batch()
-    torch._dynamo.reset()
-    e = torch._dynamo.explain(net)(x, padding_mask=pad, positions=masked)
-    where = {(b.user_stack[-1].name, b.user_stack[-1].line.strip()) for b in e.break_reasons}
-    assert where == {("hidden", "elif padding_mask is not None and bool(padding_mask.any()):"),
-                     ("output_rows", "h, rows = x[positions], None"),
-                     ("output_rows", "rows = rows[positions]")}, where
+    sigma = torch.tensor([0.5, 1.0, 2.0])
+    for net in (tiny(), tiny(time_conditioning=True)):
+        torch._dynamo.reset()
+        e = torch._dynamo.explain(net)(x, sigma, padding_mask=pad, positions=masked)
+        where = {(b.user_stack[-1].name, b.user_stack[-1].line.strip())
+                 for b in e.break_reasons}
+        assert where == {("output_rows", "flat = positions.reshape(-1).nonzero().squeeze(1)")}, where

@@ -18,6 +18,13 @@ global torch stream: the noise of a micro-batch is then the same whichever proce
 or micro-batch slot computes it, so W gloo/NCCL ranks give the same update as one
 process with ``--update-freq W``, and a resumed run draws what the uninterrupted
 one would have.
+
+No device-to-host read in a training step but the denoiser's one count of the masked
+positions (``docs/gpu.md``): the batch's token count, its padding and its first sample
+id come from the host (``bound_input``, the collater's ``first_id``), and the training
+logging outputs hold the loss as a tensor, which fairseq sums across micro-batches and
+workers and this criterion reads in ``reduce_metrics``, after the optimizer step.
+Evaluation logs Python numbers (fairseq-validate gathers its outputs as pickles).
 """
 
 import abc
@@ -26,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from fairseq import metrics
+from fairseq import metrics, utils
 from fairseq.criterions import FairseqCriterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
@@ -76,37 +83,43 @@ class DiffusionBoundCriterion(FairseqCriterion, abc.ABC):
 
     def _eval_generator(self, sample, device):
         g = torch.Generator(device=device)
-        first_id = int(sample["id"].min()) if "id" in sample else 0
-        g.manual_seed(self.eval_seed * 1_000_003 + first_id)
+        g.manual_seed(self.eval_seed * 1_000_003 + _first_id(sample))
         return g
 
     def _train_generator(self, sample, device):
         """Training noise keyed by (seed, update, first sample id of the micro-batch):
         independent of the rank and of the micro-batch's slot in --update-freq."""
-        first_id = int(sample["id"].min()) if "id" in sample else 0
-        key = [self.train_seed % 2 ** 63, self.num_updates, first_id]
+        key = [self.train_seed % 2 ** 63, self.num_updates, _first_id(sample)]
         seed = int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0])
         return torch.Generator(device=device).manual_seed(seed)
 
     def forward(self, model, sample, reduce=True):
-        x, pad_mask, n_scored = self.task.bound_input(sample, model)
+        inp = self.task.bound_input(sample, model)
+        x = inp.x
         evaluating = not model.training
         passes = self.eval_passes if evaluating else 1
         generator = (self._eval_generator if evaluating else self._train_generator)(
             sample, x.device)
-        denoiser = model.denoiser(clean=x)      # a block model's reads the clean blocks
+        # padding as the host knows it; a block model's denoiser reads the clean blocks
+        denoiser = model.denoiser(clean=x, padded=inp.padded)
         block_size = getattr(model, "block_size", None)
 
         losses, n_masked = [], 0
         for _ in range(passes):
-            terms = self.draw(denoiser, x, pad_mask, generator, block_size=block_size,
+            terms = self.draw(denoiser, x, inp.not_scored, generator, block_size=block_size,
                               training=not evaluating)
             losses.append(terms.loss)
             n_masked += terms.n_masked
         loss = torch.stack(losses).mean()
-        ntokens = terms.n_tokens if n_scored is None else n_scored
+        # fairseq's batches count their tokens on the host; a batch that does not is
+        # counted on the device, and its count read back
+        ntokens = inp.n_scored if inp.n_scored is not None else int(terms.n_tokens)
+        # training: a float64 tensor, summed as Python floats would be (no read here);
+        # evaluation: the number itself
+        logged = (lambda v: v.detach().item()) if evaluating else \
+            (lambda v: v.detach().double())
         logging_output = {
-            "loss": loss.detach().item(),
+            "loss": logged(loss),
             "ntokens": ntokens,
             "nsentences": x.size(0),
             "sample_size": ntokens,
@@ -114,13 +127,15 @@ class DiffusionBoundCriterion(FairseqCriterion, abc.ABC):
         }
         if evaluating:                  # the per-pass sums, also for K = 1: marks evaluation
             for k, pass_loss in enumerate(losses):
-                logging_output[f"_pass{k}"] = pass_loss.detach().item()
+                logging_output[f"_pass{k}"] = logged(pass_loss)
         return loss, ntokens, logging_output
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
         def total(key):
-            return sum(log.get(key, 0) for log in logging_outputs)
+            # training outputs hold tensors (and so does every value once fairseq has
+            # summed them over workers): read as numbers here, after the optimizer step
+            return utils.item(sum(log.get(key, 0) for log in logging_outputs))
 
         loss_sum, ntokens = total("loss"), total("ntokens")
         metrics.log_scalar("loss", loss_sum / max(ntokens, 1) / math.log(2), ntokens, round=3)
@@ -140,11 +155,21 @@ class DiffusionBoundCriterion(FairseqCriterion, abc.ABC):
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
-        # Every value is a count or a sum, and all outputs of one phase carry the same
-        # keys (the per-pass keys in every evaluation output, never in training), so
-        # fairseq may sum them across micro-batches and workers. This is also what lets
-        # gloo work: the other path (all_gather_list) allocates a CUDA buffer.
+        # Every value is a count or a sum (a number, or in training a 0-dim tensor), and
+        # all outputs of one phase carry the same keys (the per-pass keys in every
+        # evaluation output, never in training), so fairseq may sum them across
+        # micro-batches (Python's sum) and workers (all_reduce_dict, which takes numbers
+        # and tensors alike). This is also what lets gloo work: the other path
+        # (all_gather_list) allocates a CUDA buffer.
         return True
+
+
+def _first_id(sample) -> int:
+    """The batch's smallest sample id: the collater's ``first_id`` (a Python int), else
+    read off its ``id`` tensor (a device-to-host read), else 0."""
+    if "first_id" in sample:
+        return sample["first_id"]
+    return int(sample["id"].min()) if "id" in sample else 0
 
 
 def _pass_stderr(meters, passes):

@@ -33,7 +33,7 @@ layer then runs only where a step draws a token.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence, Tuple
+from typing import Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 
@@ -44,12 +44,13 @@ from .schedules import NoiseSchedule
 
 class MaskRateSchedule(NoiseSchedule):
     """Time = mask rate: 1 - alpha_t = t exactly, w(t) = 1/t, sigma = -log(1 - t)
-    capped at ``sigma_max`` (what a time-conditioned network is fed at t = 1)."""
+    capped at ``sigma_max`` (what a time-conditioned network is fed at t = 1): a number,
+    or a 0-dim tensor on the times' device (read by no one on the host)."""
 
     name = "mask_rate"
 
-    def __init__(self, sigma_max: float):
-        self.sigma_max = float(sigma_max)
+    def __init__(self, sigma_max: Union[float, torch.Tensor]):
+        self.sigma_max = sigma_max if torch.is_tensor(sigma_max) else float(sigma_max)
 
     def sigma(self, t):
         return (-torch.log1p(-t)).clamp(max=self.sigma_max)
@@ -115,7 +116,7 @@ def block_nelbo(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule,
     if mask_rate is not None:
         lo, hi = check_mask_rate(mask_rate)
         t = lo + (hi - lo) * t
-        schedule = MaskRateSchedule(float(schedule.sigma(torch.tensor(1.0))))
+        schedule = MaskRateSchedule(schedule.sigma(torch.ones((), device=x.device)))
     token_t = t[:, 0] if block_size is None else \
         t.repeat_interleave(block_size, dim=1)[:, :L]
     terms = nelbo(denoiser, x, schedule, mask_index, pad_mask,

@@ -9,7 +9,9 @@ total noise of each row (ignored by models without time conditioning) and
 ``positions`` a (B, L) bool tensor; the denoiser returns float logits over the
 vocabulary for the selected positions only, shape (N, V) with N = positions.sum(),
 in row-major order. Asking only for the masked positions skips the output head
-where SUBS makes the answer known.
+where SUBS makes the answer known. The bounds read N off the logits' shape rather
+than counting the positions again: on a GPU a count is a device-to-host read, and
+the denoiser has already made the one the step needs (``docs/gpu.md``).
 
 SUBS parameterization (Sahoo et al. 2024): the ``<mask>`` logit is -inf (the model
 never predicts a mask) and unmasked positions copy their input (log-prob 0), so
@@ -28,12 +30,21 @@ from .schedules import NoiseSchedule
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def without_symbol(logits: torch.Tensor, index: int,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A copy of ``logits`` (..., V) in ``dtype`` with column ``index`` set to -inf.
+
+    The column is filled through a view with a Python scalar: no index tensor is built
+    per call (``torch.tensor([index], device=...)`` is a blocking host-to-device copy on
+    a GPU), and the copy is the only one made, whatever the logits' dtype."""
+    out = logits.to(dtype, copy=True)
+    out.select(-1, index).fill_(float("-inf"))
+    return out
+
+
 def log_probs_without_mask(logits: torch.Tensor, mask_index: int) -> torch.Tensor:
     """fp32 log-softmax over the vocabulary with ``<mask>`` excluded (SUBS rule 1)."""
-    logits = logits.float()
-    logits = logits.index_fill(-1, torch.tensor([mask_index], device=logits.device),
-                               float("-inf"))
-    return F.log_softmax(logits, dim=-1)
+    return F.log_softmax(without_symbol(logits, mask_index), dim=-1)
 
 
 def subs_log_probs(logits: torch.Tensor, z_t: torch.Tensor, mask_index: int) -> torch.Tensor:
@@ -93,6 +104,22 @@ def tokenwise(v: torch.Tensor) -> torch.Tensor:
     return v.unsqueeze(-1) if v.dim() == 1 else v
 
 
+def masked_indices(masked: torch.Tensor, n: int) -> torch.Tensor:
+    """Row-major flat indices (n,) of the True entries of ``masked`` (B, L), whose number
+    ``n`` the caller already knows on the host (the rows of the logits the denoiser
+    returned for them). ``nonzero_static`` has a fixed output shape, so unlike
+    ``masked.nonzero()`` or ``x[masked]`` it reads nothing back from a GPU."""
+    return torch.nonzero_static(masked.reshape(-1), size=n).squeeze(1)
+
+
+def at_positions(v: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
+    """The values (n,) at the flat ``index`` of a (B, L) grid of ``length`` columns: of
+    a per-token (B, L) tensor, or of a per-row (B,) one (its row's value)."""
+    if v.dim() == 1:
+        return v.index_select(0, torch.div(index, length, rounding_mode="floor"))
+    return v.reshape(-1).index_select(0, index)
+
+
 def loss_weights(t: torch.Tensor, schedule: NoiseSchedule, discrete_steps: int = 0) -> torch.Tensor:
     """Per-sequence weight of a masked token's cross-entropy.
 
@@ -115,8 +142,10 @@ class NelboTerms:
 
     loss: torch.Tensor            # scalar: sum over tokens of the weighted cross-entropy
     per_sequence: torch.Tensor    # (B,) the same sum per row (detached)
-    n_tokens: int                 # non-pad tokens: the normalizer of the bound
-    n_masked: int                 # tokens the network was asked about
+    n_tokens: torch.Tensor        # 0-dim count of non-pad tokens: the normalizer of the
+                                  # bound (a tensor: counting on the host would wait for
+                                  # the device; a fairseq batch carries it as ``ntokens``)
+    n_masked: int                 # tokens the network was asked about (its logits' rows)
     t: torch.Tensor               # (B,) the times drawn
 
 
@@ -142,15 +171,15 @@ def corrupt(x: torch.Tensor, schedule: NoiseSchedule, mask_index: int,
     return pad_mask, t, z_t, masked
 
 
-def masked_terms(per_token: torch.Tensor, masked: torch.Tensor, pad_mask: torch.Tensor,
+def masked_terms(per_token: torch.Tensor, index: torch.Tensor, pad_mask: torch.Tensor,
                  t: torch.Tensor) -> NelboTerms:
-    """The :class:`NelboTerms` of per-token losses (N,) at the ``masked`` positions
-    (row-major, the order of ``x[masked]``)."""
-    B = masked.size(0)
-    row = torch.arange(B, device=masked.device).unsqueeze(-1).expand_as(masked)[masked]
-    per_seq = torch.zeros(B, device=masked.device).index_add_(0, row, per_token.detach())
+    """The :class:`NelboTerms` of per-token losses (N,) at the flat row-major positions
+    ``index`` (N,) of ``masked_indices`` (the order of ``x[masked]``)."""
+    B, L = pad_mask.shape
+    row = torch.div(index, L, rounding_mode="floor")
+    per_seq = torch.zeros(B, device=pad_mask.device).index_add_(0, row, per_token.detach())
     return NelboTerms(loss=per_token.sum(), per_sequence=per_seq,
-                      n_tokens=int((~pad_mask).sum()), n_masked=int(masked.sum()), t=t)
+                      n_tokens=(~pad_mask).sum(), n_masked=index.numel(), t=t)
 
 
 def nelbo(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, mask_index: int,
@@ -173,10 +202,12 @@ def nelbo(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, mask_ind
                                        eps_t=eps_t, generator=generator, t=t, z_t=z_t)
     sigma = schedule.sigma(t)
     logits = denoiser(z_t, sigma, masked)
+    # the denoiser's rows say how many positions are masked: no count read back here
+    index = masked_indices(masked, logits.size(0))
     lp = log_probs_without_mask(logits, mask_index)
-    nll = -lp.gather(-1, x[masked].unsqueeze(-1)).squeeze(-1)
-    w = tokenwise(loss_weights(t, schedule, discrete_steps)).expand_as(x)[masked]
-    return masked_terms(w * nll, masked, pad_mask, t)
+    nll = -lp.gather(-1, at_positions(x, index, x.size(1)).unsqueeze(-1)).squeeze(-1)
+    w = at_positions(loss_weights(t, schedule, discrete_steps), index, x.size(1))
+    return masked_terms(w * nll, index, pad_mask, t)
 
 
 @torch.no_grad()

@@ -47,7 +47,7 @@ from typing import Callable, List, Optional, Protocol, Sequence, Union
 
 import torch
 
-from .objective import Denoiser, log_probs_without_mask
+from .objective import Denoiser, log_probs_without_mask, without_symbol
 from .schedules import NoiseSchedule
 
 SAMPLERS = ("ddpm", "ddpm_cache", "analytic", "first_hitting", "remdm", "confidence")
@@ -193,8 +193,7 @@ def denoise_probs(logits: torch.Tensor, mask_index: int, temperature: float = 1.
                   top_p: float = 1.0) -> torch.Tensor:
     """float64 x_theta (N, V) from logits: ``<mask>`` gets probability 0 (SUBS rule 1),
     then temperature and nucleus top-p as described in the module docstring."""
-    logits = logits.double().index_fill(
-        -1, torch.tensor([mask_index], device=logits.device), float("-inf"))
+    logits = without_symbol(logits, mask_index, torch.float64)
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)

@@ -47,7 +47,8 @@ from typing import Optional
 
 import torch
 
-from .objective import Denoiser, NelboTerms, corrupt, masked_terms
+from .objective import (Denoiser, NelboTerms, at_positions, corrupt, masked_indices,
+                        masked_terms, without_symbol)
 from .schedules import NoiseSchedule
 
 
@@ -59,8 +60,7 @@ def log_expm1(sigma: torch.Tensor) -> torch.Tensor:
 def log_scores(logits: torch.Tensor, sigma: torch.Tensor, mask_index: int) -> torch.Tensor:
     """fp32 log s_theta (N, V) from the network's logits (N, V) at masked positions and
     the noise ``sigma`` (N,) of each; the ``<mask>`` column is -inf."""
-    f = logits.float().index_fill(-1, torch.tensor([mask_index], device=logits.device),
-                                  float("-inf"))
+    f = without_symbol(logits, mask_index)
     offset = log_expm1(sigma.double()) + math.log(logits.size(-1) - 1)
     return f - offset.float().unsqueeze(-1)
 
@@ -94,9 +94,11 @@ def score_entropy_bound(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSche
     pad_mask, t, z_t, masked = corrupt(x, schedule, mask_index, pad_mask, antithetic=antithetic,
                                        eps_t=eps_t, generator=generator, t=t)
     logits = denoiser(z_t, schedule.sigma(t), masked)
-    t_tok = t.double().unsqueeze(-1).expand_as(x)[masked]
+    index = masked_indices(masked, logits.size(0))      # as in objective.nelbo
+    t_tok = at_positions(t.double(), index, x.size(1))
     sigma_tok = schedule.sigma(t_tok)
     log_s = log_scores(logits, sigma_tok, mask_index)
-    per_token = schedule.dsigma(t_tok).float() * score_entropy(log_s, sigma_tok, x[masked])
-    return masked_terms(per_token, masked, pad_mask, t)
+    target = at_positions(x, index, x.size(1))
+    per_token = schedule.dsigma(t_tok).float() * score_entropy(log_s, sigma_tok, target)
+    return masked_terms(per_token, index, pad_mask, t)
 

@@ -259,13 +259,15 @@ def block_diffusion_mask(length: int, block_size: int, padding_mask=None, device
     the noisy copy (positions 0..L-1) followed by the clean copy (L..2L-1): a noisy
     block sees itself and the clean blocks before it; a clean block sees the clean
     blocks up to itself; padding (``padding_mask`` (B, L), the same in both copies)
-    is never a key, and every query sees itself (no empty row)."""
+    is never a key, and every query sees itself (no empty row). A given
+    ``padding_mask`` is applied without looking at it (None: no padding, see
+    ``DiT.forward``); with no padding in it the mask is the same, only per row."""
     blk = torch.arange(length, device=device) // block_size
     same = blk[:, None] == blk[None, :]
     earlier = blk[:, None] > blk[None, :]
     keep = torch.cat([torch.cat([same, earlier], 1),
                       torch.cat([torch.zeros_like(same), same | earlier], 1)], 0)[None, None]
-    if padding_mask is not None and bool(padding_mask.any()):
+    if padding_mask is not None:
         keys = ~torch.cat([padding_mask, padding_mask], 1)
         keep = (keep & keys[:, None, None, :]) | torch.eye(2 * length, dtype=torch.bool,
                                                            device=device)
@@ -416,7 +418,14 @@ class DiT(nn.Module):
 
     forward(tokens, sigma=None, padding_mask=None, positions=None, cache=None):
       tokens (B, L) long; sigma (B,) noise level (used only with time conditioning);
-      padding_mask (B, L) bool, True at padding (excluded as attention keys);
+      padding_mask (B, L) bool, True at padding (excluded as attention keys), or None
+      for a batch without padding. Whether a batch has padding is the caller's to say
+      (it knows from the host: fairseq's batch counts its tokens): a given mask is
+      applied as is, without a host-side test of its contents (on a GPU that test
+      would make the host wait for the device), and None lets attention run maskless
+      (flash attention on a GPU). An all-False mask gives the outputs of None (up to
+      the attention kernel's rounding); ``MDLMModel.padding_mask`` makes the choice
+      for the fairseq models;
       positions (B, L) bool: if given, logits only for those positions, shape (N, V),
       row-major; else (B, L, V);
       cache: a :class:`KVCache` (causal models only): ``tokens`` are the positions
@@ -480,10 +489,15 @@ class DiT(nn.Module):
         (1, C), broadcast over the batch, when every row gets the same one (without
         time conditioning: a learned constant). A shared vector is computed once, so
         a row's output does not depend on the other rows of its batch (a matmul over
-        B rows rounds differently for different B)."""
+        B rows rounds differently for different B).
+
+        A sigma is shared when its shape says so, read on the host without looking at
+        the values: one element, or a (B,) view of one value (stride 0, what
+        ``sigma.expand(B)`` gives; the samplers pass theirs so). A (B,) tensor that
+        merely holds equal values is taken per row: same outputs up to rounding."""
         if sigma is None or not self.time_conditioning:
             sigma = torch.zeros(1, device=device)
-        elif sigma.dim() == 1 and sigma.numel() > 1 and bool((sigma == sigma[:1]).all()):
+        elif sigma.dim() == 1 and sigma.numel() > 1 and sigma.stride(0) == 0:
             sigma = sigma[:1]
         return F.silu(self.sigma_map(sigma))
 
@@ -509,7 +523,7 @@ class DiT(nn.Module):
             # new query i sits at position past + i and sees keys 0 .. past + i
             attn_mask = torch.ones(L, past + L, dtype=torch.bool,
                                    device=x.device).tril(diagonal=past)
-        elif padding_mask is not None and bool(padding_mask.any()):
+        elif padding_mask is not None:                  # applied without a host test
             keep = ~padding_mask[:, None, None, :]                      # (B,1,1,L)
             if self.causal:
                 keep = keep & torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
@@ -535,12 +549,20 @@ class DiT(nn.Module):
         """The output layer's input at ``positions`` (B, L) of the hidden states x
         (B, L, D), row-major, its logits computed on demand (:class:`OutputRows`);
         ``exclude``: symbols whose logits are -inf in this output only."""
-        h, rows = x[positions], None
+        # The one device-to-host read of a training step, kept on purpose: the number of
+        # masked positions, so that the output layer (the largest matmul with a big
+        # vocabulary, and its fp32 logits) runs on them only (half the positions on
+        # average) rather than on every position with a data-independent shape
+        # (docs/gpu.md). One nonzero, then plain gathers: the bounds read the count off
+        # the logits' shape and ask for nothing more.
+        flat = positions.reshape(-1).nonzero().squeeze(1)
+        row = torch.div(flat, positions.size(1), rounding_mode="floor")
+        col = flat - row * positions.size(1)
+        h, rows = x[row, col], None
         if c.dim() == 3:                       # per-position conditioning (block diffusion)
-            c = c[positions]
+            c = c[row, col]
         else:
-            rows = torch.arange(x.size(0), device=x.device).unsqueeze(-1).expand_as(positions)
-            rows = rows[positions]
+            rows = row
         return OutputRows(self, h, c, rows, exclude)
 
     def _output(self, h, c, rows):

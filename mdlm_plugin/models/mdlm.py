@@ -118,22 +118,39 @@ class MDLMModel(BaseFairseqModel):
     def max_positions(self):
         return self.cfg.max_positions
 
-    def forward(self, src_tokens, sigma=None, positions=None):
+    def forward(self, src_tokens, sigma=None, positions=None, padded: Optional[bool] = None):
         """Logits (B, L, V), or (N, V) for the ``positions`` selected; padding is
-        read off ``src_tokens`` and never attended to."""
-        padding_mask = src_tokens.eq(self.pad_index)
-        return self.backbone(src_tokens, sigma=sigma, padding_mask=padding_mask,
+        read off ``src_tokens`` and never attended to (``padded``: see
+        ``padding_mask``)."""
+        return self.backbone(src_tokens, sigma=sigma,
+                             padding_mask=self.padding_mask(src_tokens, padded),
                              positions=positions)
 
-    def denoiser(self, clean=None):
+    def padding_mask(self, tokens, padded: Optional[bool] = None):
+        """The backbone's ``padding_mask`` of ``tokens``: ``tokens == <pad>``, or None for
+        a batch without padding (attention then runs maskless: flash attention on a
+        GPU). ``padded`` says whether the batch holds padding when the caller knows it
+        on the host (training: the bound criteria, from the batch's token count);
+        None tests the mask here, which on a GPU waits for the device (sampling)."""
+        if padded is False:
+            return None
+        mask = tokens.eq(self.pad_index)
+        if padded is None and not bool(mask.any()):
+            return None
+        return mask
+
+    def denoiser(self, clean=None, padded: Optional[bool] = None):
         """The callable the diffusion core expects: (z_t, sigma, positions) -> logits.
         A block model's (training) denoiser also reads the clean sequence ``clean``
-        (B, L): block b of z_t is denoised given the clean blocks before it."""
+        (B, L): block b of z_t is denoised given the clean blocks before it.
+        ``padded``: whether the sequences hold padding, if the caller knows (see
+        ``padding_mask``; the noisy ones have the padding of the clean ones)."""
         if self.block_size is None:
-            return lambda z_t, sigma, positions: self(z_t, sigma=sigma, positions=positions)
+            return lambda z_t, sigma, positions: self(z_t, sigma=sigma, positions=positions,
+                                                      padded=padded)
         if clean is None:
             raise ValueError("a block model's denoiser needs the clean sequence (clean=)")
-        padding_mask = clean.eq(self.pad_index)
+        padding_mask = self.padding_mask(clean, padded)
         return lambda z_t, sigma, positions: self.backbone.forward_blocks(
             z_t, clean, self.block_size, sigma=sigma, padding_mask=padding_mask,
             positions=positions)

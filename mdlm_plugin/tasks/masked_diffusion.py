@@ -30,12 +30,12 @@ import os
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
-from fairseq.data import (Dictionary, IdDataset, ListDataset, NestedDictionaryDataset,
-                          NumelDataset, PadDataset)
+from fairseq.data import (BaseWrapperDataset, Dictionary, IdDataset, ListDataset,
+                          NestedDictionaryDataset, NumelDataset, PadDataset)
 from fairseq.data import indexed_dataset
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
@@ -158,6 +158,33 @@ def check_binarized_split(split_path: str) -> None:
             f"{data} has {actual:,} bytes but its index {idx} describes {expected:,}: the .bin "
             f"is truncated or the .idx was written for other data; re-run fairseq-preprocess "
             f"for this split")
+
+
+class BoundInput(NamedTuple):
+    """What a bound criterion scores (``bound_input``): the clean sequences ``x``
+    (B, L); ``not_scored``, the positions left out of the bound (never masked, never
+    counted), or None when there are none; ``n_scored``, the token count the bound is
+    normalised by (None: every scored position, counted on the device); ``padded``,
+    whether ``x`` holds padding, when that is known on the host (None: the model
+    tests it). Known on the host, the counts and the padding cost no device-to-host
+    read in the training step."""
+    x: torch.Tensor
+    not_scored: Optional[torch.Tensor]
+    n_scored: Optional[int]
+    padded: Optional[bool] = None
+
+
+class FirstIdDataset(BaseWrapperDataset):
+    """A split whose batches also carry ``first_id``, the smallest sample id of the
+    batch as a Python int. The bound criteria key their noise by it; read off the
+    batch's ``id`` tensor once the batch is on a GPU, it would cost a device-to-host
+    read in every step."""
+
+    def collater(self, samples):
+        batch = super().collater(samples)
+        if samples and batch:
+            batch["first_id"] = min(int(s["id"]) for s in samples)
+        return batch
 
 
 def diffusion_setup(args, dictionary):
@@ -302,11 +329,13 @@ class MaskedDiffusionTask(DiffusionTaskMixin, LanguageModelingTask):
         paths = utils.split_paths(self.args.data)
         check_binarized_split(os.path.join(paths[(epoch - 1) % len(paths)], split))
         try:
-            return super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+            super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
         except FileNotFoundError as e:
             raise MDLMUserError(
                 f"{e}: the data directory has no binarized '{split}' split; binarize it "
                 f"with fairseq-preprocess (--trainpref/--validpref/--testpref)") from None
+        self.datasets[split] = FirstIdDataset(self.datasets[split])
+        return self.datasets[split]
 
     def load_state_dict(self, state_dict):
         """A checkpoint's task state (fairseq loads it before building the model): its
@@ -319,13 +348,18 @@ class MaskedDiffusionTask(DiffusionTaskMixin, LanguageModelingTask):
             self.args.tokens_per_sample = saved
         self.state.merge_state_dict({"tokens_per_sample": self.args.tokens_per_sample})
 
-    def bound_input(self, sample, model):
-        """What a bound criterion scores: ``(x, not_scored, n_scored)``, the clean
-        sequences (B, L), the positions left out of the bound (never masked, never
-        counted: here the padding) and the token count the bound is normalised by
-        (None: every scored position)."""
+    def bound_input(self, sample, model) -> BoundInput:
+        """What a bound criterion scores (:class:`BoundInput`): the clean sequences
+        ``target``, the padding left out. fairseq's language-modelling batches count
+        their tokens on the host (``ntokens``: each target as long as its source), so
+        the batch has padding exactly when that count falls short of B x L."""
         x = sample["target"]
-        return x, x.eq(self.source_dictionary.pad()), None
+        n = sample.get("ntokens")
+        if n is None:                           # not a fairseq batch: count on the device
+            return BoundInput(x, x.eq(self.source_dictionary.pad()), None)
+        padded = n != x.numel()
+        return BoundInput(x, x.eq(self.source_dictionary.pad()) if padded else None, n,
+                          padded)
 
     def get_interactive_tokens_and_lengths(self, lines, encode_fn):
         """Input lines to token ids, without the end-of-sentence symbol (a prompt is

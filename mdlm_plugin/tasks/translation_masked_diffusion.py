@@ -29,8 +29,8 @@ from omegaconf import II
 
 from ..diffusion.conditional import ConditionalInputError, strip_padding, training_input
 from ..errors import MDLMUserError
-from .masked_diffusion import (DiffusionOptions, DiffusionTaskMixin, add_mask_symbol,
-                               check_binarized_split, diffusion_setup)
+from .masked_diffusion import (BoundInput, DiffusionOptions, DiffusionTaskMixin,
+                               add_mask_symbol, check_binarized_split, diffusion_setup)
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,8 @@ class TranslationMaskedDiffusionTask(DiffusionTaskMixin, TranslationTask):
 
     def bound_input(self, sample, model):
         """``[target canvas ; source]``, the source and the padding not scored, and the
-        number of target tokens (with their ``</s>``) as the normaliser."""
+        number of target tokens (with their ``</s>``) as the normaliser; whether the
+        layout has padding is left to the model to test."""
         pad, eos = self.target_dictionary.pad(), self.target_dictionary.eos()
         sources = strip_padding(sample["net_input"]["src_tokens"], pad)
         targets = strip_padding(sample["target"], pad)
@@ -131,4 +132,4 @@ class TranslationMaskedDiffusionTask(DiffusionTaskMixin, TranslationTask):
         except ConditionalInputError as e:
             raise MDLMUserError(f"{e} (--target-canvas {model.canvas}, --max-positions "
                                 f"{model.cfg.max_positions})") from None
-        return x, not_scored, sum(t.numel() for t in targets)
+        return BoundInput(x, not_scored, sum(t.numel() for t in targets))
