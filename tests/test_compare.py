@@ -118,7 +118,7 @@ def test_compare_script_end_to_end(ptb_tiny, tmp_path):
            "--threads", "2", "--models", ",".join(models[:-1]), "--block-sizes", "8",
            "--seeds", "1", "2", "--samplers", "ddpm_cache", "first_hitting", "--seeds-for",
            *(f"{m}=1" for m in models if m not in two_seeds)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert tuple(res["models"]) == models
@@ -175,7 +175,7 @@ def check_reuse_and_zero_shot(cmd, res, out2, data):
     os.remove(os.path.join(os.path.dirname(recorded), "train_done.json"))
     again = cmd[:cmd.index("--models")] + ["--models", "mdlm", "--seeds", "2",
                                            "--zero-shot", str(data), "--out", str(out2)]
-    proc = subprocess.run(again, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(again, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "mdlm seed 2: finished already" in proc.stdout
     run = json.loads((out2 / "results.json").read_text())["runs"]["mdlm"][0]
@@ -193,7 +193,7 @@ def check_reuse_across_machines(cmd, res, old_json, tmp_path):
         "--models", "mdlm,mdlm_ar", "--seeds", "1", "2", "3", "--seeds-for", "mdlm_ar=1",
         "--samplers", "ddpm_cache", "--reuse", str(old_json),
         "--work-dir", str(tmp_path / "work3"), "--out", str(out3)]
-    proc = subprocess.run(again, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(again, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     new = json.loads((out3 / "results.json").read_text())
     mdlm = new["runs"]["mdlm"]
