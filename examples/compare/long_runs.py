@@ -620,16 +620,25 @@ def plot(res: Dict, path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     ar = rows.get(chosen(rows).get("mdlm_ar", ""), {}).get("points", {})
     ys: List[List[float]] = [[], [], []]
+    ar_best = rows.get(chosen(rows).get("mdlm_ar", ""), {}).get("best")
     for name, rec in rows.items():
         st = reporting.style(name)
-        kw = {"color": st.colour, "marker": st.marker, "label": name}
+        # rows of one model differ by marker and by line style (dropout 0.1 -, 0.3 --, ...)
+        dash = ("-", "--", ":", "-.")[round(10 * rec["dropout"]) // 2 % 4]
+        kw = {"color": st.colour, "marker": st.marker, "label": name, "linestyle": dash}
         pts = sorted((int(u), p["test"]["ppl"]) for u, p in rec["points"].items())
         ratio = [(u * per / 1e6, y / ar[str(u)]["test"]["ppl"]) for u, y in pts
                  if rec["bound"] and str(u) in ar]
+        if rec["bound"] and ar_best:     # against the AR row's best checkpoint, every point
+            best = [(u * per / 1e6, y / ar_best["test"]["ppl"]) for u, y in pts]
+            axes[1].plot(*zip(*best), markersize=6, color=st.colour, marker=st.marker,
+                         linestyle=":", alpha=0.6, label=f"{name} / AR best checkpoint")
+            ys[1] += [v for _, v in best]
         curve = [(u * per / res["train_tokens"], y) for u, y in rec.get("valid_curve") or []]
         for ax, line, y in zip(axes, ([(u * per / 1e6, y) for u, y in pts], ratio, curve), ys):
             if line:
-                ax.plot(*zip(*line), markersize=4, **kw)
+                ax.plot(*zip(*line), markersize=6, **{**kw, "label": f"{name} / AR at the "
+                                                      "same tokens" if ax is axes[1] else name})
                 y += [v for _, v in line]
     axes[1].axhline(1.0, color="grey", linestyle=":")
     for ax, y, (xlabel, ylabel, title) in zip(axes, ys, (
@@ -639,6 +648,7 @@ def plot(res: Dict, path: str) -> None:
             ("epochs", "validation perplexity (diffusion: bound)", "validation split"))):
         ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
         reporting.scale(ax, "y", y)
+    axes[1].legend(loc="upper right", fontsize=7)
     reporting.legend_outside(axes[2])
     reporting.save_figure(fig, path, f"{res['name']}: {res['args']['data']}, "
                           "one training seed per row")
