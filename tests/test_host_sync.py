@@ -89,13 +89,17 @@ class HostReads(TorchDispatchMode):
             def method(*args, **kwargs):
                 raise HostRead(f"Tensor.{name}() reads the tensor on the host")
             return method
+        self.saved = {name: torch.Tensor.__dict__.get(name) for name in self.PATCHED}
         for name in self.PATCHED:
             setattr(torch.Tensor, name, refuse(name))
         return super().__enter__()
 
     def __exit__(self, *exc):
-        for name in self.PATCHED:
-            delattr(torch.Tensor, name)      # back to torch's own (inherited) method
+        for name, method in self.saved.items():     # back to torch's own methods
+            if method is None:
+                delattr(torch.Tensor, name)          # inherited from TensorBase
+            else:
+                setattr(torch.Tensor, name, method)
         return super().__exit__(*exc)
 
 
@@ -232,9 +236,11 @@ def _item_in_backward(model):
                                    _item_in_backward])
 def test_the_detector_catches_a_planted_read(data, plant):
     task, model, criterion, optimizer, sample = build(data, STEPS["mdlm"])
+    methods = [getattr(torch.Tensor, name) for name in HostReads.PATCHED]
     handle = plant(model)
     with pytest.raises(HostRead):
         train_step(task, model, criterion, optimizer, sample, HostReads())
     handle.remove()
-    assert "tolist" not in torch.Tensor.__dict__         # the patched methods are restored
+    # the patched methods are torch's again
+    assert [getattr(torch.Tensor, name) for name in HostReads.PATCHED] == methods
     train_step(task, model, criterion, optimizer, sample, HostReads())   # and it was the plant
