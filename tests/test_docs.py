@@ -19,7 +19,8 @@ import pytest
 from conftest import REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-LINKED = DOCS + [REPO / "examples" / d / "README.md" for d in ("compare", "ptb", "sotu")] + [
+LINKED = DOCS + [REPO / "examples" / d / "README.md"
+                 for d in ("compare", "ptb", "sotu", "translation")] + [
     REPO / "benchmarks" / "README.md"]
 BLOCK = re.compile(r"(<!-- run: tiny -->\n)?```bash\n(.*?)```", re.S)
 TOOLS = {"fairseq-train": "train", "fairseq-validate": "validate", "fairseq-generate": "generate",
@@ -89,19 +90,26 @@ def test_fairseq_commands_parse(item):
         assert argv[argv.index("--user-dir") + 1] == "mdlm_plugin"
 
 
-def test_scripts_and_configs_named_by_the_docs_exist_and_parse():
+def _module(path, name):
     import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "compare_for_docs", REPO / "examples" / "compare" / "compare.py")
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
+    spec = importlib.util.spec_from_file_location(name, REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scripts_and_configs_named_by_the_docs_exist_and_parse():
+    # the comparisons' commands parse as their scripts read them
+    parsers = {path: _module(path, name).parse_args for path, name in (
+        ("examples/compare/compare.py", "compare_for_docs"),
+        ("examples/translation/compare.py", "translation_compare_for_docs"))}
     checked = 0
     for _, cmd in COMMANDS:
         if cmd[0] in ("bash", "python") and cmd[1].endswith((".sh", ".py")):
             assert (REPO / cmd[1]).is_file(), cmd
             checked += 1
-            if cmd[1] == "examples/compare/compare.py":
-                compare.parse_args(cmd[2:])
+            if cmd[1] in parsers:
+                parsers[cmd[1]](cmd[2:])
         if cmd[0] == "fairseq-hydra-train":
             d, name = cmd[cmd.index("--config-dir") + 1], cmd[cmd.index("--config-name") + 1]
             assert (REPO / d / f"{name}.yaml").is_file()

@@ -32,6 +32,19 @@ def test_every_row_of_the_largest_comparison_has_its_own_colour_and_marker():
     assert all(reporting.COLOURS[m] == styles[m].colour for m in BASE_ROWS)
 
 
+def test_translation_series_have_their_own_styles():
+    """examples/translation/compare.py's plot lines: the model's colour, the decoder's
+    marker, none alike and none a row of the LM comparison's."""
+    from mdlm_plugin.diffusion.samplers import SAMPLERS
+    series = ["transformer greedy", "transformer beam", "cmlm mask-predict"] + [
+        f"{m} {s}" for m in ("mdlm", "mdlm_kd") for s in SAMPLERS]
+    styles = [reporting.style(x) for x in series]
+    assert len(set(styles)) == len(series) and reporting.UNKNOWN not in styles
+    assert not set(styles) & set(reporting.STYLES.values())
+    assert reporting.style("mdlm confidence").colour == reporting.style("mdlm ddpm").colour
+    assert reporting.style("test data") == reporting.STYLES["test data"]
+
+
 def test_every_committed_comparison_row_is_in_the_style_table():
     for name in ("ptb", "ptb_samplers", "sotu"):
         res = reporting.read_json(REPO / "examples" / "compare" / "results" / name

@@ -18,7 +18,7 @@ from mdlm_plugin.diffusion.samplers import SAMPLERS, SamplerConfig, sample
 from mdlm_plugin.diffusion.schedules import build_schedule
 from mdlm_plugin.errors import MDLMUserError
 
-from conftest import USER_DIR, fairseq_cli
+from conftest import USER_DIR, fairseq_cli, preprocess, write_copy
 
 # symbols 0..5 are text, then </s>, <mask>, <pad>
 V, EOS, MASK, PAD = 6, 6, 7, 8
@@ -139,32 +139,16 @@ def test_ddpm_cache_equals_ddpm_conditionally():
 
 # ------------------------------------------------------------ through fairseq
 
-COPY_SYMBOLS = [chr(ord("a") + i) for i in range(10)]
 MODEL = ["--arch", "mdlm_translation_tiny", "--layers", "2", "--embed-dim", "64",
          "--attention-heads", "2", "--cond-dim", "32", "--max-positions", "24",
          "--target-canvas", "10", "--dropout", "0"]
 
 
-def write_copy(dir_, splits=(("train", 2000), ("valid", 64), ("test", 64)), seed=0):
-    """Source = target: 3 to 8 symbols of 10."""
-    r = random.Random(seed)
-    dir_.mkdir(parents=True, exist_ok=True)
-    for split, n in splits:
-        lines = [" ".join(r.choice(COPY_SYMBOLS) for _ in range(r.randint(3, 8)))
-                 for _ in range(n)]
-        for lang in ("src", "tgt"):
-            (dir_ / f"{split}.{lang}").write_text("\n".join(lines) + "\n")
-    return dir_
-
-
 @pytest.fixture(scope="module")
 def copy_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("copy")
-    raw = write_copy(root / "raw")
-    fairseq_cli("preprocess", "--source-lang", "src", "--target-lang", "tgt",
-                "--joined-dictionary", "--trainpref", raw / "train", "--validpref",
-                raw / "valid", "--testpref", raw / "test", "--destdir", root / "bin",
-                "--workers", "1")
+    preprocess(write_copy(root / "raw"), root / "bin", "--source-lang", "src",
+               "--target-lang", "tgt", "--joined-dictionary")
     fairseq_cli("train", root / "bin", "--user-dir", USER_DIR,
                 "--task", "translation_masked_diffusion", "--criterion", "mdlm", *MODEL,
                 "--batch-size", "64", "--optimizer", "adam", "--lr", "3e-3",
@@ -253,6 +237,8 @@ def test_bad_data_is_one_clear_error(tmp_path, copy_model):
     from mdlm_plugin.tasks.translation_masked_diffusion import (
         TranslationMaskedDiffusionConfig, TranslationMaskedDiffusionTask)
     data, _ = copy_model
+    with pytest.raises(MDLMUserError, match="no data directory given"):
+        TranslationMaskedDiffusionTask.setup_task(TranslationMaskedDiffusionConfig(data=""))
     mono = tmp_path / "mono"
     mono.mkdir()
     (mono / "dict.txt").write_text((data / "dict.src.txt").read_text())

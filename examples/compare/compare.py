@@ -134,10 +134,12 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def run(cmd: List[str], log: str, args, what: str) -> Dict[str, float]:
-    """Run a fairseq CLI with its output in ``log``; wall and CPU seconds used."""
+def run(cmd: List[str], log: str, args, what: str,
+        env: Optional[Dict[str, str]] = None) -> Dict[str, float]:
+    """Run a fairseq CLI with its output in ``log`` (``env``: more environment
+    variables); wall and CPU seconds used."""
     print(f"  $ {shlex.join(cmd)}\n    (log: {log})", flush=True)
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)

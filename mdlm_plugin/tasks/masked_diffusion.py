@@ -187,6 +187,15 @@ class FirstIdDataset(BaseWrapperDataset):
         return batch
 
 
+def first_data_dir(data, example: str) -> str:
+    """The directory the dictionaries are read from: the first of ``--data``'s
+    ``DIR1:DIR2`` shards; one error when none is given."""
+    if not data:
+        raise MDLMUserError(f"no data directory given: pass the fairseq-preprocess output "
+                            f"directory (e.g. {example}) as the first argument")
+    return utils.split_paths(data)[0]
+
+
 def diffusion_setup(args, dictionary):
     """(mask index, noise schedule) of a task from its :class:`DiffusionOptions`;
     checks --eval-passes."""
@@ -292,10 +301,7 @@ class MaskedDiffusionTask(DiffusionTaskMixin, LanguageModelingTask):
 
     @classmethod
     def setup_dictionary(cls, args, **kwargs):
-        if not args.data:
-            raise MDLMUserError("no data directory given: pass the fairseq-preprocess "
-                                "output directory (e.g. data-bin/ptb) as the first argument")
-        data_dir = utils.split_paths(args.data)[0]
+        data_dir = first_data_dir(args.data, "data-bin/ptb")
         dict_path = os.path.join(data_dir, "dict.txt")
         if not os.path.isfile(dict_path):
             raise MDLMUserError(

@@ -30,7 +30,8 @@ from omegaconf import II
 from ..diffusion.conditional import ConditionalInputError, strip_padding, training_input
 from ..errors import MDLMUserError
 from .masked_diffusion import (BoundInput, DiffusionOptions, DiffusionTaskMixin,
-                               add_mask_symbol, check_binarized_split, diffusion_setup)
+                               add_mask_symbol, check_binarized_split, diffusion_setup,
+                               first_data_dir)
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +56,7 @@ class TranslationMaskedDiffusionTask(DiffusionTaskMixin, TranslationTask):
 
     @classmethod
     def setup_task(cls, cfg, **kwargs):
-        if not cfg.data:
-            raise MDLMUserError("no data directory given: pass the fairseq-preprocess "
-                                "output directory (e.g. data-bin/bible_ja_en)")
-        data_dir = utils.split_paths(cfg.data)[0]
+        data_dir = first_data_dir(cfg.data, "data-bin/bible_ja_en")
         if cfg.source_lang is None or cfg.target_lang is None:
             cfg.source_lang, cfg.target_lang = data_utils.infer_language_pair(data_dir)
         if cfg.source_lang is None or cfg.target_lang is None:
