@@ -141,16 +141,6 @@ def _plain(value):
     return str(value) if hasattr(value, "value") and isinstance(value.value, str) else value
 
 
-def _without_pad(denoiser, pad_index: int):
-    """The model's denoiser with ``<pad>`` never predicted: the model reads it as
-    padding, so it cannot be text."""
-    def denoise(z, sigma, positions):
-        logits = denoiser(z, sigma, positions)
-        logits[:, pad_index] = float("-inf")
-        return logits
-    return denoise
-
-
 @dataclass
 class _Row:
     """One hypothesis in the making."""
@@ -250,7 +240,7 @@ class MaskedDiffusionGenerator:
             raise MDLMUserError(f"masked diffusion sampling takes one checkpoint, got an "
                                 f"ensemble of {len(models)} (--path a:b)")
         model = models[0]
-        if not callable(getattr(model, "denoiser", None)):
+        if not callable(getattr(model, "sampling_denoiser", None)):
             raise MDLMUserError(f"a masked diffusion task samples from an mdlm model; the "
                                 f"checkpoint holds a {type(model).__name__}")
         args = task.args
@@ -362,6 +352,12 @@ class MaskedDiffusionGenerator:
         self.stats.seconds += seconds
         return hypos
 
+    def _denoiser(self):
+        """The model's sampling denoiser (its output layer runs where a step draws a
+        token) with ``<pad>`` never predicted: the model reads it as padding, so it
+        cannot be text."""
+        return self.model.sampling_denoiser(exclude=(self.pad,))
+
     def _sample_one_window(self, rows: List[_Row], calls: List[int]) -> None:
         """One ``sample`` run over the rows (prompt + masks up to --gen-length, or
         the template), right-padded to a common length."""
@@ -377,9 +373,8 @@ class MaskedDiffusionGenerator:
         for k, x in enumerate(inputs):
             z[k, :x.numel()] = x
         try:
-            out = sample(_without_pad(self.model.denoiser(), self.pad), z, self.config,
-                         self.schedule, self.mask_index, generator=self._rng,
-                         retain_history=self.retain_history)
+            out = sample(self._denoiser(), z, self.config, self.schedule, self.mask_index,
+                         generator=self._rng, retain_history=self.retain_history)
         except SamplerError as e:
             raise user_error(e) from None
         scores = out.scores
@@ -397,9 +392,9 @@ class MaskedDiffusionGenerator:
         """One ``sample_semi_ar`` run over rows whose prompts have the same length."""
         prefix = torch.stack([r.prompt for r in rows])
         try:
-            out = sample_semi_ar(_without_pad(self.model.denoiser(), self.pad), prefix,
-                                 self.gen_length, self.window, self.stride, self.config,
-                                 self.schedule, self.mask_index, generator=self._rng)
+            out = sample_semi_ar(self._denoiser(), prefix, self.gen_length, self.window,
+                                 self.stride, self.config, self.schedule, self.mask_index,
+                                 generator=self._rng)
         except SamplerError as e:
             raise user_error(e) from None
         scores = out.scores

@@ -4,7 +4,9 @@ ddpm_cache gives ddpm's tokens and scores for every batch composition.
 
 The network itself (a row's logits in any batch), the generator in-process (bitwise),
 and fairseq-generate end to end (printed lines, and the row evaluations the per-row
-cache predicts from the denoising trajectory).
+cache predicts from the denoising trajectory). The same holds for the output layer
+(issue 20): the MDLM's sampling denoiser runs it only where a step draws a token, with
+the tokens and scores of running it at every masked position.
 """
 import re
 
@@ -177,3 +179,195 @@ def test_fairseq_generate_cache_equals_ddpm(ptb_tiny, trained_tiny, tmp_path):
         assert summary(out_d) == (31, ddpm) and summary(out_c) == (31, cache)
         assert cache < ddpm
 
+
+
+# ------------------------------------------------------------------ the deferred output layer
+
+def vocabulary():
+    """A dictionary of 996 words (+ <mask>) and its mask index."""
+    from fairseq.data import Dictionary
+    from mdlm_plugin.tasks.masked_diffusion import add_mask_symbol
+
+    d = Dictionary()
+    for i in range(996):
+        d.add_symbol(f"w{i}")
+    return d, add_mask_symbol(d)
+
+
+def randomized(model, std=0.25):
+    """``model`` in eval mode with every backbone parameter drawn at random (sd 0.25:
+    x_theta's entropy ~2.3 nats, and it reads its context; at 0.3 one token takes ~0.9
+    of the mass, at 0.2 and below the context hardly matters)."""
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.normal_(0, std)
+    return model.eval()
+
+
+def random_mdlm(time_conditioning=False):
+    """A random ``MDLMModel`` over ``vocabulary()``: (model, dictionary, mask index)."""
+    from mdlm_plugin.models.mdlm import MDLMConfig, MDLMModel
+
+    d, mask = vocabulary()
+    torch.manual_seed(3)
+    model = MDLMModel(MDLMConfig(embed_dim=64, layers=2, attention_heads=2, cond_dim=16,
+                                 dropout=0.0, max_positions=64,
+                                 time_conditioning=time_conditioning), d)
+    return randomized(model), d, mask
+
+
+def full_logits(model, exclude):
+    """The denoiser sampling used before: training's ``denoiser()`` (the output layer
+    at every masked position) with the ``exclude`` logits set to -inf."""
+    denoise = model.denoiser()
+
+    def run(z, sigma, positions):
+        logits = denoise(z, sigma, positions)
+        logits[:, list(exclude)] = float("-inf")
+        return logits
+    return run
+
+
+def deferred_inputs(batch, mask, length=32):
+    """Rows: unconditional; a 5-token prompt; a template with given tokens inside and
+    padding after it."""
+    z = torch.full((3, length), mask)
+    z[1, :5] = torch.arange(5) + 40
+    z[2, 3:6] = torch.arange(3) + 70
+    z[2, 24:] = PAD
+    return z[:batch]
+
+
+def test_the_random_mdlm_reads_its_context():
+    """The comparisons below mean something: a masked position's distribution moves
+    when one token elsewhere changes."""
+    model, _, mask = random_mdlm()
+    z = deferred_inputs(2, mask)
+    other = z.clone()
+    other[1, 0] = 41
+    with torch.no_grad():
+        a, b = (model.denoiser()(x, None, x == mask) for x in (z, other))
+    n = int((z[0] == mask).sum())                   # row 0 is the same in both
+    assert torch.equal(a[:n], b[:n])
+    assert float((a[n:].log_softmax(-1) - b[n:].log_softmax(-1)).abs().max()) > 0.1
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddpm_cache", "analytic", "first_hitting",
+                                     "remdm", "confidence"])
+def test_deferred_output_layer_gives_the_full_logits_samples(sampler, batch):
+    """The MDLM's sampling denoiser (the output layer at the positions a step draws)
+    gives bitwise the tokens and scores of the output layer run at every masked
+    position with <pad> set to -inf afterwards (one thread): the output layer pads a
+    small call to 16 rows, so BLAS takes the same kernel path whatever the rows."""
+    time_conditioning = sampler not in ("ddpm_cache", "first_hitting")
+    model, _, mask = random_mdlm(time_conditioning)
+    z = deferred_inputs(batch, mask)
+    config = SamplerConfig(sampler=sampler, steps=20, time_conditioned=time_conditioning)
+    sched = build_schedule("loglinear")
+    runs = []
+    with one_thread():
+        for denoiser in (model.sampling_denoiser(exclude=(PAD,)), full_logits(model, (PAD,))):
+            runs.append(sample(denoiser, z, config, sched, mask, torch.Generator().manual_seed(4)))
+    deferred, full = runs
+    assert torch.equal(deferred.tokens, full.tokens) and torch.equal(deferred.scores, full.scores)
+    assert deferred.prob_rows == full.prob_rows and deferred.row_calls == full.row_calls
+    filled = z == mask
+    assert not bool((deferred.tokens == mask).any()) and bool((deferred.scores[filled] < 0).all())
+    assert not bool((deferred.tokens[filled] == PAD).any())
+
+
+def test_the_generator_runs_the_output_layer_only_where_a_token_is_drawn(monkeypatch):
+    """ddpm_cache, T = 1000, L = 32 through the generator: the output layer computes one
+    row per (position, step) where a token is drawn, the ``prob_rows`` the sampler
+    reports, far fewer than the masked positions of the calls (which a denoiser
+    returning logits computes)."""
+    from mdlm_plugin import generator as generator_module
+    from mdlm_plugin.models import backbone
+
+    model, d, mask = random_mdlm()
+    results, asked = [], []
+
+    def spy(*args, **kwargs):
+        results.append(sample(*args, **kwargs))
+        return results[-1]
+
+    def counted(denoise):
+        def run(z, sigma, positions):
+            asked.append(int(positions.sum()))
+            return denoise(z, sigma, positions)
+        return run
+
+    real = model.sampling_denoiser
+    monkeypatch.setattr(model, "sampling_denoiser", lambda exclude=(): counted(real(exclude)))
+    monkeypatch.setattr(generator_module, "sample", spy)
+    monkeypatch.setattr(backbone, "MIN_HEAD_ROWS", 1)      # count rows without padding
+    gen = MaskedDiffusionGenerator(model, build_schedule("loglinear"), d, mask,
+                                   sampler="ddpm_cache", steps=1000, gen_length=32, window=32)
+    head_rows = []
+    handle = model.backbone.final.register_forward_pre_hook(
+        lambda m, args: head_rows.append(args[0].size(0)))
+    try:
+        (hypo,), = gen.generate_from_prompts([torch.empty(0, dtype=torch.long)])
+    finally:
+        handle.remove()
+    (out,) = results
+    assert sum(head_rows) == out.prob_rows == 32           # each position drawn once
+    assert len(asked) == out.network_calls > 16
+    assert sum(asked) > 10 * sum(head_rows)
+    assert hypo["tokens"].numel() == 32 and bool((hypo["positional_scores"] < 0).all())
+
+
+@pytest.mark.parametrize("sampler", ["ddpm_cache", "confidence"])
+def test_pad_is_never_generated(sampler):
+    """<pad> made the likeliest token everywhere (its output bias raised): the generator
+    never emits it (the confidence sampler reads every masked position's logits at
+    once), while the same denoiser without the exclusion draws it at most positions."""
+    model, d, mask = random_mdlm()
+    with torch.no_grad():
+        model.backbone.final.head.bias[d.pad()] += 30.0
+    gen = MaskedDiffusionGenerator(model, build_schedule("loglinear"), d, mask,
+                                   sampler=sampler, steps=16, gen_length=24, window=24, nbest=2)
+    template = torch.tensor([mask, 40, mask, mask, 41] + [mask] * 5)
+    hypos = gen.generate_from_prompts([torch.tensor([40, 41]), template])
+    for hs in hypos:
+        for h in hs:
+            assert not bool((h["tokens"] == d.pad()).any())
+            assert not bool((h["tokens"] == mask).any())
+            assert bool(torch.isfinite(h["positional_scores"]).all())
+    z = torch.full((2, 24), mask)
+    with torch.no_grad():
+        out = sample(model.sampling_denoiser(), z, SamplerConfig(sampler=sampler, steps=16),
+                     build_schedule("loglinear"), mask, torch.Generator().manual_seed(0))
+    assert int((out.tokens == d.pad()).sum()) > 24
+
+
+@pytest.mark.parametrize("sampler", ["ddpm_cache", "confidence"])
+def test_translation_generator_deferred_equals_full_logits(sampler, monkeypatch):
+    """``mdlm_translation`` inherits the sampling denoiser: translating sources of
+    different lengths (so the templates are padded) gives bitwise the hypotheses of the
+    full-logits denoiser (one thread)."""
+    from mdlm_plugin.generator import TranslationGenerator
+    from mdlm_plugin.models.mdlm_translation import (MDLMTranslationConfig,
+                                                     MDLMTranslationModel)
+
+    d, mask = vocabulary()
+    torch.manual_seed(5)
+    model = randomized(MDLMTranslationModel(MDLMTranslationConfig(
+        embed_dim=64, layers=2, attention_heads=2, cond_dim=16, dropout=0.0,
+        max_positions=32, target_canvas=12), d))
+    sources = [torch.tensor([40, 41, 42, d.eos()]), torch.tensor([50, d.eos()]),
+               torch.tensor(list(range(60, 75)) + [d.eos()])]
+    runs = []
+    with one_thread():
+        for full in (False, True):
+            if full:
+                monkeypatch.setattr(model, "sampling_denoiser",
+                                    lambda exclude=(): full_logits(model, exclude))
+            gen = TranslationGenerator(model, build_schedule("loglinear"), d, mask,
+                                       sampler=sampler, steps=8, nbest=2, seed=3)
+            runs.append([h for hs in gen.translate(sources) for h in hs])
+    for a, b in zip(*runs):
+        assert torch.equal(a["tokens"], b["tokens"])
+        assert torch.equal(a["positional_scores"], b["positional_scores"])
+        assert not bool((a["tokens"] == d.pad()).any())

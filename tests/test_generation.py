@@ -44,7 +44,7 @@ class Revealing(torch.nn.Module):
         self.dummy = torch.nn.Parameter(torch.zeros(1))
         self.calls = 0
 
-    def denoiser(self):
+    def sampling_denoiser(self, exclude=()):
         def run(z, sigma, positions):
             self.calls += 1
             m = (z == MASK).sum(-1, keepdim=True).expand_as(z)[positions]
@@ -54,6 +54,7 @@ class Revealing(torch.nn.Module):
             rows = torch.arange(m.numel())
             logits[rows, 10 + m] = p.log()
             logits[rows, 100 + m] = (1 - p).log()
+            logits[:, list(exclude)] = float("-inf")
             return logits.float()
         return run
 

@@ -34,9 +34,11 @@ A step costs what it changes: a rule first decides which positions leave the mas
 distribution is computed only where a token is drawn (``StepContext.draw``; the
 confidence sampler draws everywhere). ``SampleResult.prob_rows`` counts them. A
 denoiser may return :class:`DeferredLogits` instead of logits (a model's last hidden
-states, with its output layer run on demand): then the output layer, too, runs only
-where a token is drawn, once per position and step (the drawn tokens' scores reuse
-those logits).
+states, with its output layer run on demand; the MDLM's ``sampling_denoiser`` and block
+sampling's ``CachedBlocks`` do): then the output layer, too, runs only where a token is
+drawn, once per position and step (the drawn tokens' scores reuse those logits). The
+DiT's ``OutputRows`` give each position the logits a call over every masked position
+gives (bitwise on one thread).
 """
 from __future__ import annotations
 

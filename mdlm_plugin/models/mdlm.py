@@ -155,6 +155,21 @@ class MDLMModel(BaseFairseqModel):
             z_t, clean, self.block_size, sigma=sigma, padding_mask=padding_mask,
             positions=positions)
 
+    def sampling_denoiser(self, exclude=()):
+        """Sampling's denoiser (``diffusion.samplers.sample``) of an MDLM: (z_t, sigma,
+        positions) -> :class:`~.backbone.OutputRows`, the last hidden states at the
+        positions asked for, so the output layer runs only where a step draws a token;
+        each position's logits are those of ``denoiser()`` (bitwise on one thread),
+        with the symbols ``exclude`` never predicted. Block models sample through
+        ``block_context``; training uses ``denoiser``."""
+        if self.block_size is not None:
+            raise ValueError("a block model samples through block_context()")
+
+        def denoise(z_t, sigma, positions):
+            h, c = self.backbone.hidden(z_t, sigma=sigma, padding_mask=self.padding_mask(z_t))
+            return self.backbone.output_rows(h, c, positions, exclude)
+        return denoise
+
     def block_context(self, window: int, exclude=()) -> "CachedBlocks":
         """Block sampling's view of this model (``diffusion.blocks.sample_blocks``):
         committed blocks in a key/value cache of the last window - L' positions;
